@@ -1,0 +1,59 @@
+"""Loads the compiled extension ``fastdense._C`` if it was built.
+
+A missing or broken extension is never an ImportError: it is one logged
+warning, and every op falls back to the backends that do not need it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("fastdense")
+
+_C = None
+load_error: str | None = None
+
+if os.environ.get("FASTDENSE_NO_EXT", "") == "1":
+    load_error = "FASTDENSE_NO_EXT=1 is set"
+else:
+    try:
+        import torch  # noqa: F401  (the extension links against libtorch)
+
+        from fastdense import _C  # type: ignore[attr-defined,no-redef]
+    except Exception as exc:  # ImportError, OSError (undefined symbol), ...
+        _C = None
+        load_error = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "fastdense: compiled extension fastdense._C is unavailable (%s); "
+            "the cpp/cuda backends are disabled and the torch/triton backends are used instead.",
+            load_error,
+        )
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def cpu_reasons() -> list[str]:
+    """Why the cpp backend cannot run on this machine ([] if it can)."""
+    if _C is None:
+        return [f"extension fastdense._C not loaded ({load_error})"]
+    return []
+
+
+def cuda_reasons() -> list[str]:
+    """Why the cuda backend cannot run on this machine ([] if it can)."""
+    import torch
+
+    reasons = []
+    if _C is None:
+        reasons.append(f"extension fastdense._C not loaded ({load_error})")
+    elif not _C.built_with_cuda():
+        reasons.append("fastdense._C was built without CUDA kernels (CPU-only torch or no CUDA_HOME at build time)")
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device")
+    return reasons

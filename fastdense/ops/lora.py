@@ -1,0 +1,280 @@
+"""Fused (multi-task) LoRA linear: ``torch.ops.fastdense.mt_lora_linear``.
+
+One call computes the frozen base GEMM once, the shrink of every adapter as
+one GEMM over the concatenated A's, and a grouped expand that writes the
+shared output and all T task outputs (MTLoRA semantics, see
+``reference.mt_lora_linear``).
+
+Tensor contract shared by all backends (2-D inputs, G = 1 + T adapters):
+
+    x        (M, K)       base input (and LoRA input when x_lora is None)
+    weight   (N, K)       frozen W0;  bias (N,) or None
+    lora_a   (R, K)       A_0; A_1; ...; A_T stacked, R = sum(ranks)
+    lora_b   (N, R)       [B_0 | B_1 | ... | B_T]
+    ranks    [r_0..r_T]   scales [s_0..s_T]
+    x_lora   (M, K)|None  dropped-out LoRA input
+    x_tasks  (T, M, K)|None  per-task LoRA inputs (MTLoRA's ``x_tasks``)
+    -> out (G, M, N), h (M, R) = the shrink output, saved for backward
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastdense import _ext, _triton
+from fastdense.ops import _dispatch, _lora_torch, reference
+
+OP = "mt_lora_linear"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_tasks=None) -> None:
+    """Raise TypeError/ValueError naming the bad argument and the expected shape."""
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
+               "x_lora": x_lora, "x_tasks": x_tasks}
+    for name, t in tensors.items():
+        if t is None and name in ("bias", "x_lora", "x_tasks"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., K), got a 0-d tensor")
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must have shape (N, K={k}) to match x {_shape(x)}, got {_shape(weight)}")
+    n = weight.shape[0]
+    ranks = list(ranks)
+    if len(ranks) == 0 or any((not isinstance(r, int)) or r < 1 for r in ranks):
+        raise ValueError(f"ranks must be a non-empty list of positive ints (shared first, then tasks), got {ranks}")
+    if len(scales) != len(ranks):
+        raise ValueError(f"scales must have one entry per adapter ({len(ranks)}), got {len(scales)}")
+    r_total = sum(ranks)
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape (N={n},), got {_shape(bias)}")
+    if tuple(lora_a.shape) != (r_total, k):
+        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {_shape(lora_a)}")
+    if tuple(lora_b.shape) != (n, r_total):
+        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {_shape(lora_b)}")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have the shape of x {_shape(x)}, got {_shape(x_lora)}")
+    n_tasks = len(ranks) - 1
+    if x_tasks is not None:
+        expected = (n_tasks, *x.shape)
+        if tuple(x_tasks.shape) != expected:
+            raise ValueError(f"x_tasks must have shape (T={n_tasks}, *x.shape) = {expected}, got {_shape(x_tasks)}")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+
+# ----------------------------------------------------------------------------- backends
+_dispatch.register(OP, "torch", forward=_lora_torch.forward, backward=_lora_torch.backward)
+
+
+def _cpp_input_reasons(x, *rest) -> list[str]:
+    if x.device.type != "cpu":
+        return [f"cpp runs CPU tensors, got {x.device.type}"]
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return [f"cpp supports float32/float64/bfloat16, got {x.dtype}"]
+    return []
+
+
+def _cuda_input_reasons(x, *rest) -> list[str]:
+    if x.device.type != "cuda":
+        return [f"cuda runs CUDA tensors, got {x.device.type}"]
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return [f"cuda supports float32/float16/bfloat16, got {x.dtype}"]
+    return []
+
+
+def _ext_forward(*args):
+    return tuple(torch.ops.fastdense._mt_lora_fwd(*args))
+
+
+def _ext_backward(*args):
+    return tuple(torch.ops.fastdense._mt_lora_bwd(*args[:-1], list(args[-1])))
+
+
+_dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
+                   machine_reasons=_ext.cpu_reasons, input_reasons=_cpp_input_reasons)
+_dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
+                   machine_reasons=_ext.cuda_reasons, input_reasons=_cuda_input_reasons)
+
+
+def _triton_input_reasons(x, weight, bias, lora_a, lora_b, ranks, scales, sit, x_lora, x_tasks) -> list[str]:
+    reasons = _triton.device_reasons(x)
+    if x.dtype == torch.float64:
+        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    return reasons
+
+
+def _triton_forward(*args):
+    from fastdense.kernels import lora as kernels
+
+    return kernels.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastdense.kernels import lora as kernels
+
+    return kernels.backward(*args)
+
+
+_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
+                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
+
+
+# ----------------------------------------------------------------------------- the operator
+@torch.library.custom_op("fastdense::mt_lora_linear", mutates_args=())
+def _mt_lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: list[int],
+    scales: list[float],
+    shared_in_tasks: bool,
+    x_lora: Optional[torch.Tensor],
+    x_tasks: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks)
+    impl = _dispatch.select(OP, x.device.type, *args)
+    out, h = impl.forward(*args)
+    return out, h
+
+
+@_mt_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks):
+    m, n = x.shape[0], weight.shape[0]
+    return x.new_empty((len(ranks), m, n)), x.new_empty((m, lora_a.shape[0]))
+
+
+@torch.library.custom_op("fastdense::mt_lora_linear_backward", mutates_args=())
+def _mt_lora_linear_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: list[int],
+    scales: list[float],
+    shared_in_tasks: bool,
+    x_lora: Optional[torch.Tensor],
+    x_tasks: Optional[torch.Tensor],
+    h: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fwd_args = (x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks)
+    impl = _dispatch.select(OP, x.device.type, *fwd_args)
+    grads = impl.backward(grad.contiguous(), *fwd_args, h, list(needs))
+    # A custom op's outputs may alias neither its inputs nor each other.
+    out, seen = [], [t for t in (grad, h, *fwd_args) if isinstance(t, torch.Tensor)]
+    for g, need in zip(grads, needs):
+        if not need:
+            g = x.new_empty(0)
+        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
+            g = g.clone()
+        seen.append(g)
+        out.append(g)
+    return tuple(out)
+
+
+@_mt_lora_linear_backward_op.register_fake
+def _(grad, x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks, h, needs):
+    def like(t, need):
+        return t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0)
+
+    return (like(x, needs[0]), like(weight, needs[1]), like(bias, needs[2]), like(lora_a, needs[3]),
+            like(lora_b, needs[4]), like(x_lora, needs[5]), like(x_tasks, needs[6]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks = inputs
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, x_lora, x_tasks, output[1])
+    ctx.ranks, ctx.scales, ctx.shared_in_tasks = list(ranks), list(scales), shared_in_tasks
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, grad_h):
+    x, weight, bias, lora_a, lora_b, x_lora, x_tasks, h = ctx.saved_tensors
+    nig = ctx.needs_input_grad
+    needs = [nig[0], nig[1], bias is not None and nig[2], nig[3], nig[4],
+             x_lora is not None and nig[8], x_tasks is not None and nig[9]]
+    grads = torch.ops.fastdense.mt_lora_linear_backward(
+        grad_out, x, weight, bias, lora_a, lora_b, ctx.ranks, ctx.scales, ctx.shared_in_tasks,
+        x_lora, x_tasks, h, needs)
+    gx, gw, gb, ga, gbb, gxl, gxt = (g if need else None for g, need in zip(grads, needs))
+    return gx, gw, gb, ga, gbb, None, None, None, gxl, gxt
+
+
+_mt_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def mt_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    *,
+    shared_in_tasks: bool = False,
+    x_lora: torch.Tensor | None = None,
+    x_tasks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Shared output and all T task outputs of a multi-task LoRA linear in one call.
+
+    ``x`` has shape (..., K); returns (1 + T, ..., N): index 0 is the shared
+    output, index t the output of task t. See the module docstring for the
+    layout of ``lora_a``/``lora_b`` and ``reference.mt_lora_linear`` for the
+    equations. ``shared_in_tasks=True`` is MTLoRA's 'matrixv2'.
+    """
+    ranks = [int(r) for r in ranks]
+    scales = [float(s) for s in scales]
+    check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora, x_tasks)
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+
+    def flat(t):
+        return None if t is None else t.reshape(-1, k).contiguous()
+
+    x_tasks_2d = None if x_tasks is None else x_tasks.reshape(x_tasks.shape[0], -1, k).contiguous()
+    out, _ = torch.ops.fastdense.mt_lora_linear(
+        flat(x), weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), ranks, scales,
+        bool(shared_in_tasks), flat(x_lora), x_tasks_2d)
+    return out.reshape(len(ranks), *lead, weight.shape[0])
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Single LoRA: y = x W0ᵀ + b + s · x_lora Aᵀ Bᵀ, x_lora = dropout(x) or x."""
+    if lora_a.dim() != 2:
+        raise ValueError(f"lora_a must have shape (r, K), got {tuple(lora_a.shape)}")
+    return mt_lora_linear(x, weight, bias, lora_a, lora_b, [lora_a.shape[0]], [scale], x_lora=x_lora)[0]
+
+
+reference_mt_lora_linear = reference.mt_lora_linear

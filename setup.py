@@ -1,0 +1,54 @@
+"""Build of fastdense and its extension fastdense._C.
+
+* C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always compiled.
+* CUDA kernels (csrc/cuda/*.cu, csrc/cuda/*_bind.cpp) join when the installed
+  torch has CUDA and CUDA_HOME is found, or when FORCE_CUDA=1.
+* FASTDENSE_NO_EXT=1 gives a pure-Python install (torch/triton backends only).
+* TORCH_CUDA_ARCH_LIST and MAX_JOBS are read by torch.utils.cpp_extension.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if os.environ.get("FASTDENSE_NO_EXT", "") == "1":
+        print("fastdense: FASTDENSE_NO_EXT=1, building without fastdense._C")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17"]
+    with_cuda = os.environ.get("FORCE_CUDA", "") == "1" or (
+        torch.version.cuda is not None and CUDA_HOME is not None
+    )
+    if with_cuda:
+        sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*_bind.cpp")
+        ext = CUDAExtension(
+            "fastdense._C",
+            sources,
+            define_macros=[("FASTDENSE_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        )
+    else:
+        ext = CppExtension("fastdense._C", sources, extra_compile_args={"cxx": cxx})
+    print(f"fastdense: building fastdense._C ({'C++ CPU + CUDA' if with_cuda else 'C++ CPU only'})")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["fastdense", "fastdense.*"]) + ["fastdense.kernels"],
+    package_dir={"fastdense.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
