@@ -5,6 +5,7 @@ warning, and every op falls back to the backends that do not need it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -57,3 +58,20 @@ def cuda_reasons() -> list[str]:
     if not torch.cuda.is_available():
         reasons.append("no CUDA device")
     return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdense::{op}", dispatch_key)
+    except RuntimeError:  # the schema itself is not registered
+        return False
+
+
+def kernel_reasons(op: str, dispatch_key: str) -> list[str]:
+    """Why ``fastdense::<op>`` has no ``dispatch_key`` (CPU/CUDA) kernel in the loaded extension."""
+    if _C is None or not _has_kernel(op, dispatch_key):
+        return [f"fastdense._C has no {dispatch_key} kernel for fastdense::{op} (rebuild the extension)"]
+    return []

@@ -107,10 +107,19 @@ def _ext_backward(*args):
     return tuple(torch.ops.fastdense._mt_lora_bwd(*args[:-1], list(args[-1])))
 
 
+def _ext_machine_reasons(device_reasons, dispatch_key):
+    def reasons() -> list[str]:
+        return device_reasons() or (_ext.kernel_reasons("_mt_lora_fwd", dispatch_key)
+                                    + _ext.kernel_reasons("_mt_lora_bwd", dispatch_key))
+    return reasons
+
+
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext.cpu_reasons, input_reasons=_cpp_input_reasons)
+                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   input_reasons=_cpp_input_reasons)
 _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext.cuda_reasons, input_reasons=_cuda_input_reasons)
+                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   input_reasons=_cuda_input_reasons)
 
 
 def _triton_input_reasons(x, weight, bias, lora_a, lora_b, ranks, scales, sit, x_lora, x_tasks) -> list[str]:
