@@ -91,12 +91,24 @@ def _cpp_input_reasons(x, *rest) -> list[str]:
     return []
 
 
-def _cuda_input_reasons(x, *rest) -> list[str]:
+# Limits of the CUDA kernels (csrc/cuda/mt_lora.cu): adapters and the total
+# rank, each rank rounded up to a multiple of 4, bound the shared-memory tiles.
+CUDA_MAX_ADAPTERS = 64
+CUDA_MAX_PADDED_RANK = 512
+
+
+def _cuda_input_reasons(x, weight, bias, lora_a, lora_b, ranks, *rest) -> list[str]:
     if x.device.type != "cuda":
         return [f"cuda runs CUDA tensors, got {x.device.type}"]
+    reasons = []
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return [f"cuda supports float32/float16/bfloat16, got {x.dtype}"]
-    return []
+        reasons.append(f"cuda supports float32/float16/bfloat16, got {x.dtype}")
+    if len(ranks) > CUDA_MAX_ADAPTERS:
+        reasons.append(f"cuda supports at most {CUDA_MAX_ADAPTERS} adapters, got {len(ranks)}")
+    padded = sum((r + 3) // 4 * 4 for r in ranks)
+    if padded > CUDA_MAX_PADDED_RANK:
+        reasons.append(f"cuda supports a total rank (each rounded up to 4) of at most {CUDA_MAX_PADDED_RANK}, got {padded}")
+    return reasons
 
 
 def _ext_forward(*args):
@@ -256,6 +268,13 @@ def mt_lora_linear(
     """
     ranks = [int(r) for r in ranks]
     scales = [float(s) for s in scales]
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Like nn.Linear under autocast: run in the autocast dtype, whatever the
+        # dtypes of the (fp32) parameters and the incoming activation.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_a, lora_b, x_lora, x_tasks = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_a, lora_b, x_lora, x_tasks))
     check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora, x_tasks)
     lead = x.shape[:-1]
     k = x.shape[-1]

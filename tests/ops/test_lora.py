@@ -294,3 +294,17 @@ def test_low_precision_error_within_twice_the_reference_error(backend, dtype, ca
     assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-3
     for name in ref32_grads:
         assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-3, name
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """A fp32 layer fed by another autocast layer (bf16 activation) must not raise."""
+    case = CASES[2]
+    i = make_inputs(case)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.nn.functional.linear(i["x"], torch.eye(case.k))  # bf16 under autocast
+        assert x.dtype == torch.bfloat16
+        out = mt_lora_linear(x, i["weight"], i["bias"], i["lora_a"], i["lora_b"], list(case.ranks), scales_for(case))
+    assert out.dtype == torch.bfloat16
+    expected = reference.mt_lora_linear(i["x"], i["weight"], i["bias"], i["lora_a"], i["lora_b"],
+                                        list(case.ranks), scales_for(case))
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
