@@ -1,0 +1,11 @@
+"""Drop-in modules: LoRA and multi-task LoRA linear layers and model injection."""
+from fastdense.nn.inject import inject_lora, lora_parameters, mark_only_lora_trainable
+from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
+
+__all__ = [
+    "LoRALinear",
+    "MultiTaskLoRALinear",
+    "inject_lora",
+    "lora_parameters",
+    "mark_only_lora_trainable",
+]
