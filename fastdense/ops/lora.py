@@ -198,9 +198,13 @@ def _mt_lora_linear_backward_op(
     x_tasks: Optional[torch.Tensor],
     h: torch.Tensor,
     needs: list[bool],
+    forced: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fwd_args = (x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks)
-    impl = _dispatch.select(OP, x.device.type, *fwd_args)
+    # `forced` is the backend forced when the forward ran: autograd may run this
+    # on another thread (CUDA), which does not see the forward's context.
+    with _dispatch.backend(forced or None):
+        impl = _dispatch.select(OP, x.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, list(needs))
     # A custom op's outputs may alias neither its inputs nor each other.
     out, seen = [], [t for t in (grad, h, *fwd_args) if isinstance(t, torch.Tensor)]
@@ -215,7 +219,7 @@ def _mt_lora_linear_backward_op(
 
 
 @_mt_lora_linear_backward_op.register_fake
-def _(grad, x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks, h, needs):
+def _(grad, x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_lora, x_tasks, h, needs, forced):
     def like(t, need):
         return t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0)
 
@@ -228,6 +232,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, lora_a, lora_b, x_lora, x_tasks, output[1])
     ctx.ranks, ctx.scales, ctx.shared_in_tasks = list(ranks), list(scales), shared_in_tasks
     ctx.mark_non_differentiable(output[1])
+    ctx.forced = _dispatch.forced_backend() or ""
 
 
 def _backward(ctx, grad_out, grad_h):
@@ -237,7 +242,7 @@ def _backward(ctx, grad_out, grad_h):
              x_lora is not None and nig[8], x_tasks is not None and nig[9]]
     grads = torch.ops.fastdense.mt_lora_linear_backward(
         grad_out, x, weight, bias, lora_a, lora_b, ctx.ranks, ctx.scales, ctx.shared_in_tasks,
-        x_lora, x_tasks, h, needs)
+        x_lora, x_tasks, h, needs, ctx.forced)
     gx, gw, gb, ga, gbb, gxl, gxt = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, gb, ga, gbb, None, None, None, gxl, gxt
 

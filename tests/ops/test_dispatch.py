@@ -107,3 +107,31 @@ print("CPP", _dispatch.implementations(OP)["cpp"].machine_reasons())
     assert "simulated broken build" in proc.stdout
     warnings = [line for line in proc.stderr.splitlines() if "fastdense._C is unavailable" in line]
     assert len(warnings) == 1, proc.stderr
+
+
+def test_backward_uses_the_backend_forced_at_forward_even_on_another_thread():
+    """CUDA autograd runs backward on a worker thread that does not see the context variable."""
+    import threading
+
+    from fastdense.ops import mt_lora_linear
+
+    x = torch.randn(4, 6, requires_grad=True)
+    seen = []
+    real_select = _dispatch.select
+
+    def spy(op, device_type, *args):
+        impl = real_select(op, device_type, *args)
+        seen.append(impl.backend)
+        return impl
+
+    with fastdense.ops.backend("torch"):
+        out = mt_lora_linear(x, torch.randn(5, 6), None, torch.randn(3, 6), torch.randn(5, 3), [2, 1], [1.0, 1.0])
+    _dispatch.select = spy
+    try:
+        worker = threading.Thread(target=lambda: out.sum().backward())
+        worker.start()
+        worker.join()
+    finally:
+        _dispatch.select = real_select
+    assert seen == ["torch"]
+    assert x.grad is not None
