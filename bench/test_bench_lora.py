@@ -1,0 +1,287 @@
+"""Fused multi-task LoRA linear against what an MTLoRA user would otherwise run.
+
+Implementations, on each case:
+
+* ``fused``            ``fastdense.ops.mt_lora_linear`` with automatic dispatch
+* ``fused-<backend>``  the same op forced onto one backend (skipped, with the
+                       backend's reasons, where it cannot run)
+* ``mtlora-loop``      written like MTLoRA's ``MTLoRALinear``: the frozen linear
+                       once, then a Python loop of per-task ``x Aᵀ Bᵀ s`` GEMMs,
+                       returning ``(shared, {task: out})``
+* ``mtlora-loop-compiled``  that function under ``torch.compile`` (few cases:
+                       marked ``compile``)
+* ``peft``             one peft LoRA-wrapped ``nn.Linear`` per adapter (shared
+                       and each task), i.e. the frozen GEMM runs 1 + T times
+
+Shapes are Swin-T's at 448² input (tokens 112², 56², 28², 14² at C = 96, 192,
+384, 768), batch 8, on the attention projection (C→C) and the first MLP
+layer (C→4C); T = 4 tasks, shared rank 64, task rank 4, scale 4 (MTLoRA's
+tiny_448 configuration). Dtype bf16 on CUDA.
+
+On CPU the suite is scaled down so that ``make bench`` on a 2-core machine
+takes a few minutes: batch 1, stages 3 and 4 only (28² and 14² tokens), fp32,
+and the compiled baseline only on stage 4's fc1.
+
+Modes: ``fwd`` is the forward pass as in training (autograd records the graph,
+nothing is run under no_grad); ``fwdbwd`` adds the backward pass for given
+output gradients, into the input and the adapters (W0 and its bias are frozen).
+
+Bytes and FLOPs in ``extra_info`` are the minimum the computation needs, the
+same for every implementation of a case, so GB/s is an effective rate:
+forward reads x, W0, b, all A's and B's and writes the 1 + T outputs;
+backward reads the 1 + T output gradients, x, W0, the A's and B's and writes
+dx, dA, dB.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastdense
+from fastdense.cli import mtlora_loop
+from fastdense.ops import _dispatch
+
+
+OP = "mt_lora_linear"
+TASKS = 4
+SHARED_RANK, TASK_RANK, SCALE = 64, 4, 4.0
+RANKS = [SHARED_RANK] + [TASK_RANK] * TASKS
+SCALES = [SCALE] * (1 + TASKS)
+ON_GPU = torch.cuda.is_available()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    stage: int
+    side: int  # tokens per image side
+    channels: int
+    layer: str  # "proj" (C -> C) or "fc1" (C -> 4C)
+    batch: int
+
+    @property
+    def tokens(self) -> int:
+        return self.side * self.side
+
+    @property
+    def in_features(self) -> int:
+        return self.channels
+
+    @property
+    def out_features(self) -> int:
+        return self.channels * (4 if self.layer == "fc1" else 1)
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.tokens
+
+    @property
+    def id(self) -> str:
+        return f"s{self.stage}-{self.side}x{self.side}-C{self.channels}-{self.layer}"
+
+
+SWIN_T_448 = [(1, 112, 96), (2, 56, 192), (3, 28, 384), (4, 14, 768)]
+STAGES = SWIN_T_448 if ON_GPU else SWIN_T_448[2:]
+BATCH = 8 if ON_GPU else 1
+SHAPES = [Shape(stage, side, c, layer, BATCH) for stage, side, c in STAGES for layer in ("proj", "fc1")]
+
+
+def _compiled_case(shape: Shape) -> bool:
+    # torch.compile warms up for tens of seconds per shape and mode; the
+    # largest layer of each stage is enough to see what compilation buys.
+    return shape.layer == "fc1" and (ON_GPU or shape.stage == 4)
+
+
+def _cases():
+    peft_missing = importlib.util.find_spec("peft") is None
+    for shape in SHAPES:
+        for impl in ("fused", *(f"fused-{b}" for b in _dispatch.BACKENDS), "mtlora-loop"):
+            yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
+        if _compiled_case(shape):
+            yield pytest.param(shape, "mtlora-loop-compiled", id=f"{shape.id}-mtlora-loop-compiled",
+                               marks=[pytest.mark.compile, pytest.mark.slow])
+        yield pytest.param(shape, "peft", id=f"{shape.id}-peft",
+                           marks=[pytest.mark.skipif(peft_missing, reason="peft is not installed (pip install peft)")])
+
+
+# ----------------------------------------------------------------------------- inputs and cost model
+
+
+def make_inputs(shape: Shape, device, dtype) -> dict:
+    k, n, r = shape.in_features, shape.out_features, sum(RANKS)
+
+    def randn(*size, std=1.0):
+        return (torch.randn(*size, device=device, dtype=torch.float32) * std).to(dtype)
+
+    # B is random, not LoRA's zero init, so no implementation can gain from zeros.
+    return {
+        "x": randn(shape.batch, shape.tokens, k),
+        "weight": randn(n, k, std=k ** -0.5),
+        "bias": randn(n, std=0.02),
+        "lora_a": randn(r, k, std=k ** -0.5),
+        "lora_b": randn(n, r, std=r ** -0.5),
+        "grad": randn(1 + TASKS, shape.batch, shape.tokens, n),
+    }
+
+
+def cost(shape: Shape, itemsize: int, mode: str) -> tuple[int, int]:
+    """(minimal bytes moved, FLOPs) of one call; see the module docstring."""
+    m, k, n, r, g = shape.rows, shape.in_features, shape.out_features, sum(RANKS), 1 + TASKS
+    fwd_elems = m * k + n * k + n + r * k + n * r + g * m * n
+    fwd_flops = 2 * m * (k * n + k * r + r * n)
+    if mode == "fwd":
+        return fwd_elems * itemsize, fwd_flops
+    bwd_elems = g * m * n + m * k + n * k + 2 * (r * k + n * r) + m * k
+    bwd_flops = 2 * m * (n * k + 2 * n * r + 2 * r * k)
+    return (fwd_elems + bwd_elems) * itemsize, fwd_flops + bwd_flops
+
+
+# ----------------------------------------------------------------------------- implementations
+# Each returns (forward() -> outputs as one (1 + T, ...) tensor or a list of
+# them, leaves whose .grad backward fills).
+
+
+def fused_impl(t):
+    x = t["x"].requires_grad_(True)
+    a, b = t["lora_a"].requires_grad_(True), t["lora_b"].requires_grad_(True)
+
+    def forward():
+        return fastdense.ops.mt_lora_linear(x, t["weight"], t["bias"], a, b, RANKS, SCALES)
+
+    return forward, [x, a, b]
+
+
+def loop_impl(t, compiled: bool = False):
+    x = t["x"].requires_grad_(True)
+    # One leaf pair per adapter, as MTLoRA holds one nn.Linear pair per task.
+    a_list = [a.clone().requires_grad_(True) for a in t["lora_a"].split(RANKS, 0)]
+    b_list = [b.clone().requires_grad_(True) for b in t["lora_b"].split(RANKS, 1)]
+    fn = torch.compile(mtlora_loop) if compiled else mtlora_loop
+
+    def forward():
+        shared, tasks = fn(x, t["weight"], t["bias"], a_list, b_list, SCALES)
+        return [shared, *tasks.values()]
+
+    return forward, [x, *a_list, *b_list]
+
+
+class _Holder(nn.Module):
+    """The smallest model peft can inject into: one target module named ``linear``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def peft_impl(t):
+    from peft import LoraConfig, get_peft_model
+
+    x = t["x"].requires_grad_(True)
+    weight = nn.Parameter(t["weight"], requires_grad=False)
+    bias = nn.Parameter(t["bias"], requires_grad=False)
+    layers, leaves = [], [x]
+    for a, b, s in zip(t["lora_a"].split(RANKS, 0), t["lora_b"].split(RANKS, 1), SCALES):
+        base = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        base.weight, base.bias = weight, bias  # every adapter wraps the same frozen W0
+        rank = a.shape[0]
+        config = LoraConfig(r=rank, lora_alpha=int(s * rank), lora_dropout=0.0, target_modules=["linear"])
+        layer = get_peft_model(_Holder(base), config).base_model.model.linear
+        layer.to(device=weight.device, dtype=weight.dtype)
+        assert layer.scaling["default"] == s
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+        layers.append(layer)
+        leaves += [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+    def forward():
+        return [layer(x) for layer in layers]
+
+    return forward, leaves
+
+
+def _stacked(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape, impl", list(_cases()))
+def test_mt_lora_linear(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+    t = make_inputs(shape, device, dtype)
+    op_args = (t["x"].reshape(shape.rows, -1), t["weight"], t["bias"], t["lora_a"], t["lora_b"],
+               RANKS, SCALES, False, None, None)
+    info = {"impl": impl, "mode": mode, "stage": shape.stage, "layer": shape.layer, "batch": shape.batch,
+            "tokens": shape.tokens, "in_features": shape.in_features, "out_features": shape.out_features,
+            "tasks": TASKS, "ranks": RANKS}
+    if impl.startswith("fused-"):
+        name = impl.split("-", 1)[1]
+        if name == "triton" and device.type == "cpu":
+            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
+        reasons = _dispatch.implementations(OP)[name].reasons(*op_args)
+        if reasons:
+            pytest.skip(f"{name}: " + "; ".join(reasons))
+        # The environment variable, unlike fastdense.ops.backend(), is also
+        # seen by the autograd engine's CUDA worker thread that runs backward.
+        monkeypatch.setenv("FASTDENSE_BACKEND", name)
+        info["backend"] = name
+    elif impl == "fused":
+        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
+        info["backend"] = _dispatch.select(OP, device.type, *op_args).backend
+
+    if impl.startswith("fused"):
+        forward, leaves = fused_impl(t)
+    elif impl.startswith("mtlora-loop"):
+        compiled = impl.endswith("compiled")
+        if compiled:
+            torch._dynamo.reset()  # each shape compiles afresh instead of hitting the recompile limit
+        forward, leaves = loop_impl(t, compiled=compiled)
+    else:
+        forward, leaves = peft_impl(t)
+
+    grad_stacked, grads = t["grad"], list(t["grad"].unbind(0))
+
+    def reset():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def fwd_bwd():
+        out = forward()
+        if isinstance(out, torch.Tensor):
+            out.backward(grad_stacked)  # unbinding would make autograd re-stack the gradient: a copy
+        else:
+            torch.autograd.backward(out, grads)
+
+    fn = forward if mode == "fwd" else fwd_bwd
+
+    # Guard: an implementation measured on these inputs computes the right thing.
+    # Its forward runs with autograd on, as timed, so torch.compile builds one graph, not two.
+    with torch.no_grad():
+        expected = fastdense.ops.reference.mt_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"],
+                                                         t["lora_b"], RANKS, SCALES)
+    got = _stacked(forward()).detach()
+    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * max(1.0, expected.abs().max().item())
+    err = (got.float() - expected.float()).abs().max().item()
+    assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
+
+    t0 = time.perf_counter()
+    reset()
+    fn()  # first call: compilation / autotuning, timed separately from the benchmark
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info["first_call_s"] = time.perf_counter() - t0
+
+    bytes_moved, flops = cost(shape, t["x"].element_size(), mode)
+    benchmark.group = f"{mode} {shape.id}"
+    measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
+            bytes_moved=bytes_moved, flops=flops, info=info)
+

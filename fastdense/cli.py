@@ -1,0 +1,592 @@
+"""The ``fastdense`` command (also ``python -m fastdense``).
+
+Subcommands register themselves with :func:`command`; a later one (train,
+eval, adapt, ...) is one decorated function plus, if it takes options, an
+``arguments`` callback, so the parser is never edited by hand.
+
+* ``info``         what was built and which backend each op would run on
+* ``device-name``  a short file-name-safe tag of this machine's accelerator
+                   (names the benchmark JSON: ``bench/results/<tag>.json``)
+* ``demo``         ``info``, then every available backend of the multi-task
+                   LoRA op checked against the reference and timed against
+                   the MTLoRA-style eager loop
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Iterator, TextIO
+
+# ----------------------------------------------------------------------------- command registry
+
+
+@dataclasses.dataclass
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register ``fn(args) -> exit code`` as the subcommand ``name``."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, fn, arguments)
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastdense",
+        description="Fused kernels and modules for parameter-efficient multi-task and few-shot dense prediction.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.arguments is not None:
+            cmd.arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+# ----------------------------------------------------------------------------- device-name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# Marketing words that name a product line rather than the chip; dropping
+# them keeps "NVIDIA GeForce RTX 4090" and "Tesla V100-SXM2" short and stable.
+_GPU_NOISE = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "graphics"}
+
+
+def gpu_tag(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100"``; vendor, then words up to the model number."""
+    vendor = "amd" if re.search(r"\b(amd|radeon|instinct)\b", name, re.I) else "nvidia"
+    words = [w for w in re.split(r"[\s\-_/]+", name.lower()) if w and w not in _GPU_NOISE]
+    model = []
+    for w in words:
+        model.append(w)
+        if re.search(r"\d", w):  # the model number ends the tag: memory sizes and form factors follow it
+            break
+    return _slug("-".join([vendor] + model[:3])) or vendor
+
+
+# Words in /proc/cpuinfo model names that say nothing about the chip.
+_CPU_NOISE = {"r", "tm", "cpu", "processor", "core", "with", "radeon", "graphics"}
+
+
+def cpu_tag(model_name: str | None = None) -> str:
+    """``"Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"`` -> ``"cpu-intel-xeon-platinum-8481c-<n>c"``.
+
+    The core count is part of the tag because the same CPU model measured on
+    a 2-core slice and on a whole socket must not overwrite each other's results.
+    """
+    if model_name is None:
+        model_name = _cpu_model_name()
+    name = model_name.split("@")[0]
+    name = re.sub(r"\(.*?\)", " ", name)
+    name = re.sub(r"\b\d+-core\b", " ", name, flags=re.I)
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name.lower()) if w and w not in _CPU_NOISE]
+    model = "-".join(words[:4]) or _slug(platform.machine()) or "unknown"
+    return f"cpu-{_slug(model)}-{os.cpu_count() or 1}c"
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_tag() -> str:
+    """Tag of the device benchmarks run on: the first CUDA GPU if any, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return gpu_tag(torch.cuda.get_device_name(0))
+    return cpu_tag()
+
+
+@command("device-name", "print a short file-name-safe tag of this machine's accelerator (GPU, else CPU)")
+def cmd_device_name(args: argparse.Namespace) -> int:
+    print(device_tag())
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _kernel_registrations() -> list[tuple[str, bool, bool]]:
+    """(op, has CPU kernel, has CUDA kernel) for the internal ops fastdense._C declares.
+
+    The extension can load and still lack a kernel (a source file missing from
+    the build); this is the line of ``info`` that shows it. By convention the
+    C++-declared ops are the underscore-prefixed ones of the namespace.
+    """
+    import torch
+
+    try:
+        names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastdense::_"))
+        return [(n, torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"),
+                 torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")) for n in names]
+    except Exception:  # private API; info must still print the rest
+        return []
+
+
+def _auto_pick(op: str, device_type: str) -> str:
+    """The backend automatic dispatch tries first that this machine can run.
+
+    Only machine reasons are known without inputs; dtype or shape limits of
+    the chosen backend can still send a particular call further down the list.
+    """
+    from fastdense.ops import _dispatch
+
+    impls = _dispatch.implementations(op)
+    refused = []
+    for name in _dispatch.PRIORITY.get(device_type, _dispatch.DEFAULT_PRIORITY):
+        impl = impls.get(name)
+        if impl is None:
+            continue
+        reasons = impl.machine_reasons()
+        if not reasons:
+            return name
+        refused.append(name)
+    return f"none (refused: {', '.join(refused)})"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def print_info(out: TextIO = sys.stdout) -> None:
+    import torch
+
+    import fastdense
+    from fastdense import _ext, _triton
+    from fastdense.ops import _dispatch
+
+    def line(key: str, value: str) -> None:
+        print(f"{key:<18} {value}", file=out)
+
+    line("fastdense", f"{fastdense.__version__} ({os.path.dirname(fastdense.__file__)})")
+    line("python", f"{platform.python_version()} ({sys.executable})")
+    line("torch", torch.__version__)
+    triton_err = _triton.import_error()
+    if triton_err is None:
+        import triton
+
+        line("triton", triton.__version__)
+    else:
+        line("triton", f"not installed ({triton_err})")
+    if torch.version.cuda is None:
+        line("CUDA", "torch built without CUDA")
+    elif torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        line("CUDA", f"{torch.version.cuda}, devices: {names}")
+    else:
+        line("CUDA", f"{torch.version.cuda}, no CUDA device visible")
+    if _ext.available():
+        line("fastdense._C", f"loaded ({getattr(_ext._C, '__file__', '?')})")
+    else:
+        line("fastdense._C", f"not loaded: {_ext.load_error}")
+    line("  CPU kernels", _yes_no(_ext.available()))
+    line("  CUDA kernels", _yes_no(_ext.has_cuda_kernels()))
+    for op, cpu, cuda in _kernel_registrations():
+        line(f"  {op}", f"CPU kernel: {_yes_no(cpu)}, CUDA kernel: {_yes_no(cuda)}")
+    line("threads", _threads_summary())
+    line("FASTDENSE_BACKEND", os.environ.get("FASTDENSE_BACKEND") or "not set (automatic dispatch)")
+    if os.environ.get("TRITON_INTERPRET"):
+        line("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
+
+    print("", file=out)
+    print("ops and backends (dispatch order: CUDA tensors "
+          + " > ".join(_dispatch.PRIORITY["cuda"]) + "; CPU tensors "
+          + " > ".join(_dispatch.PRIORITY["cpu"]) + ")", file=out)
+    forced = os.environ.get("FASTDENSE_BACKEND", "").strip()
+    for op, backends in _dispatch.machine_report().items():
+        print(f"  {op}", file=out)
+        for name, reasons in backends.items():
+            status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"    {name:<8} {status}", file=out)
+        cuda_pick = _auto_pick(op, "cuda") if torch.cuda.is_available() else "n/a (no CUDA device)"
+        print(f"    auto     CPU tensors -> {_auto_pick(op, 'cpu')}; CUDA tensors -> {cuda_pick}", file=out)
+        if forced and forced != "auto":
+            print(f"    forced   FASTDENSE_BACKEND={forced} overrides automatic dispatch", file=out)
+
+
+def _threads_summary() -> str:
+    import torch
+
+    backend = "unknown"
+    for text in torch.__config__.parallel_info().splitlines():
+        if text.startswith("ATen parallel backend:"):
+            backend = text.split(":", 1)[1].strip()
+    return (f"ATen {backend}, intra-op {torch.get_num_threads()}, "
+            f"inter-op {torch.get_num_interop_threads()}, CPUs {os.cpu_count()}")
+
+
+@command("info", "print versions, what fastdense._C was built with, and each op's backends")
+def cmd_info(args: argparse.Namespace) -> int:
+    print_info()
+    return 0
+
+
+# ----------------------------------------------------------------------------- progress bar
+
+
+class ProgressBar:
+    """A one-line text progress bar.
+
+    On a terminal it redraws in place; into a pipe or file it writes the
+    finished bar once, so captured output (CI logs, tests) stays readable.
+    """
+
+    def __init__(self, total: int, width: int = 30, stream: TextIO | None = None):
+        self.total = max(1, total)
+        self.width = width
+        self.stream = stream if stream is not None else sys.stdout
+        self.done = 0
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def render(self, label: str = "") -> str:
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        return f"[{bar}] {self.done}/{self.total} {label}".rstrip()
+
+    def step(self, label: str = "") -> None:
+        self.done = min(self.total, self.done + 1)
+        if self.interactive:
+            self.stream.write("\r\033[K" + self.render(label))
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif self.done == self.total:
+            self.stream.write(self.render("done") + "\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@contextlib.contextmanager
+def _force_backend(name: str) -> Iterator[None]:
+    """Force ``name`` for forward *and* backward.
+
+    The autograd engine runs CUDA backward passes on its own worker thread,
+    where the context variable set by ``fastdense.ops.backend`` is not visible;
+    the environment variable is, so the demo sets both.
+    """
+    import fastdense
+
+    old = os.environ.get("FASTDENSE_BACKEND")
+    os.environ["FASTDENSE_BACKEND"] = name
+    try:
+        with fastdense.ops.backend(name):
+            yield
+    finally:
+        if old is None:
+            del os.environ["FASTDENSE_BACKEND"]
+        else:
+            os.environ["FASTDENSE_BACKEND"] = old
+
+
+def mtlora_loop(x, weight, bias, a_list, b_list, scales):
+    """Multi-task LoRA as MTLoRA's code computes it: one base linear, then a
+    Python loop of per-adapter ``x Aᵀ Bᵀ s`` GEMMs added to it.
+
+    Returns ``(shared_out, {task_index: task_out})`` like ``MTLoRALinear``.
+    """
+    import torch.nn.functional as F
+
+    pretrained = F.linear(x, weight, bias)
+    shared = pretrained + (x @ a_list[0].t() @ b_list[0].t()) * scales[0]
+    tasks = {}
+    for t in range(1, len(a_list)):
+        tasks[t] = pretrained + (x @ a_list[t].t() @ b_list[t].t()) * scales[t]
+    return shared, tasks
+
+
+@dataclasses.dataclass
+class DemoCase:
+    batch: int = 1
+    tokens: int = 28 * 28  # Swin-T stage 3 at 448² input
+    in_features: int = 96
+    out_features: int = 384  # fc1: C -> 4C
+    tasks: int = 4
+    shared_rank: int = 64
+    task_rank: int = 4
+    scale: float = 4.0  # MTLoRA's shared and task scale
+
+    @property
+    def ranks(self) -> list[int]:
+        return [self.shared_rank] + [self.task_rank] * self.tasks
+
+    @property
+    def scales(self) -> list[float]:
+        return [self.scale] * (1 + self.tasks)
+
+
+def _demo_tensors(case: DemoCase, device, dtype):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device)
+
+    k, n, r = case.in_features, case.out_features, sum(case.ranks)
+    # B is random rather than LoRA's zero init: with B = 0 the adapter paths
+    # contribute nothing and a wrong kernel could still pass the check.
+    return {
+        "x": randn(case.batch, case.tokens, k),
+        "weight": randn(n, k, std=k ** -0.5),
+        "bias": randn(n, std=0.1),
+        "lora_a": randn(r, k, std=k ** -0.5),
+        "lora_b": randn(n, r, std=r ** -0.5),
+        "grad": randn(1 + case.tasks, case.batch, case.tokens, n),
+    }
+
+
+# What the demo differentiates: the input (earlier layers train too) and the
+# adapters; W0 and its bias are frozen, as in every PEFT method reproduced here.
+_GRAD_NAMES = ("x", "lora_a", "lora_b")
+
+
+def _outputs_and_grads(op, t64: dict, case: DemoCase, dtype):
+    """Outputs of ``op`` (the fused op or the reference) in ``dtype`` and the gradients of _GRAD_NAMES."""
+    leaves = {k: v.to(dtype).detach().requires_grad_(k in _GRAD_NAMES) for k, v in t64.items() if k != "grad"}
+    out = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"],
+             case.ranks, case.scales)
+    out.backward(t64["grad"].to(dtype))
+    return out.detach(), {k: leaves[k].grad for k in _GRAD_NAMES}
+
+
+def _max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _tolerance(ref_err: float, ref_mag: float, dtype) -> float:
+    """Twice the error of the reference computed in the same dtype (flash-attn's
+    rule), plus a floor relative to the output's magnitude so that a reference
+    that happens to round exactly does not demand bit-identical results."""
+    import torch
+
+    floor = {torch.float32: 1e-5, torch.float64: 1e-10}.get(dtype, 1e-2)
+    return 2.0 * ref_err + floor * max(1.0, ref_mag)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], None], device, budget_s: float, min_reps: int = 3, max_reps: int = 50) -> float:
+    """Median wall time of ``fn`` in ms after one warm-up call, within about ``budget_s``."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    times = [first]
+    for _ in range(reps - 1):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default: cuda if available, else cpu)")
+    p.add_argument("--time-budget", type=float, default=0.08, metavar="SECONDS",
+                   help="time spent measuring each timing entry (default 0.08)")
+
+
+@command("demo", "print info, check every available backend of the multi-task LoRA op and time it",
+         arguments=_demo_arguments)
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(device=getattr(args, "device", "auto"), time_budget=getattr(args, "time_budget", 0.08))
+
+
+def run_demo(device: str = "auto", time_budget: float = 0.08, out: TextIO = sys.stdout) -> int:
+    import torch
+
+    from fastdense.ops import _dispatch, mt_lora_linear, reference
+
+    print_info(out)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("demo: --device cuda but no CUDA device is visible", file=out)
+        return 1
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    case = DemoCase()
+    m = case.batch * case.tokens
+    print("", file=out)
+    print(f"demo: multi-task LoRA linear on {dev.type} {str(dtype).replace('torch.', '')}: "
+          f"x ({case.batch}, {case.tokens}, {case.in_features}) -> {1 + case.tasks} outputs "
+          f"({case.batch}, {case.tokens}, {case.out_features}); shared rank {case.shared_rank}, "
+          f"{case.tasks} tasks of rank {case.task_rank}, scale {case.scale}", file=out)
+
+    t64 = _demo_tensors(case, dev, dtype)
+    probe = {k: v.to(dtype) for k, v in t64.items()}
+    probe_args = (probe["x"].reshape(m, -1), probe["weight"], probe["bias"], probe["lora_a"], probe["lora_b"],
+                  case.ranks, case.scales, False, None, None)
+    # FASTDENSE_BACKEND narrows the demo to that backend, as it narrows dispatch.
+    try:
+        forced = _dispatch.forced_backend()
+    except ValueError as exc:  # FASTDENSE_BACKEND names no backend
+        print(f"demo: FAIL: {exc}", file=out)
+        return 2
+    runnable, skipped = [], []
+    for name, impl in sorted(_dispatch.implementations("mt_lora_linear").items(),
+                             key=lambda kv: _dispatch.BACKENDS.index(kv[0])):
+        reasons = impl.reasons(*probe_args)
+        if forced and name != forced:
+            skipped.append((name, [f"not selected (FASTDENSE_BACKEND={forced})"]))
+        elif reasons:
+            skipped.append((name, reasons))
+        else:
+            runnable.append(name)
+    for name, reasons in skipped:
+        print(f"  {name:<8} skipped: " + "; ".join(reasons), file=out)
+    if not runnable:
+        what = f"the forced backend {forced!r}" if forced else "no backend"
+        print(f"demo: FAIL: {what} cannot run on {dev.type} {str(dtype).replace('torch.', '')}", file=out)
+        return 1
+
+    # Ground truth in float64; the error of the same-dtype reference sets the tolerance.
+    truth_out, truth_grads = _outputs_and_grads(reference.mt_lora_linear, t64, case, torch.float64)
+    ref_out, ref_grads = _outputs_and_grads(reference.mt_lora_linear, t64, case, dtype)
+    tolerances = {"out": _tolerance(_max_err(ref_out, truth_out), truth_out.abs().max().item(), dtype)}
+    for k in _GRAD_NAMES:
+        tolerances[k] = _tolerance(_max_err(ref_grads[k], truth_grads[k]), truth_grads[k].abs().max().item(), dtype)
+
+    failures = 0
+    results: dict[str, dict[str, float]] = {}
+    bar = ProgressBar(len(runnable) * 3 + 2, stream=out)
+    check_lines = []
+    for name in runnable:
+        try:
+            with _force_backend(name):
+                got_out, got_grads = _outputs_and_grads(mt_lora_linear, t64, case, dtype)
+            errors = {"out": _max_err(got_out, truth_out)}
+            errors.update({k: _max_err(got_grads[k], truth_grads[k]) for k in _GRAD_NAMES})
+            ok = all(errors[k] <= tolerances[k] for k in errors)
+            detail = ", ".join(f"{'forward' if k == 'out' else 'd' + k} {errors[k]:.2e} (tol {tolerances[k]:.1e})"
+                               for k in errors)
+            check_lines.append(f"  {name:<8} {'PASS' if ok else 'FAIL'}  max abs error vs float64 reference: {detail}")
+            failures += 0 if ok else 1
+        except Exception as exc:  # a backend that claims it can run but raises is a failure, not a skip
+            check_lines.append(f"  {name:<8} FAIL  raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            failures += 1
+            for _ in range(3):  # its check and both timings are off
+                bar.step(f"{name} failed")
+            continue
+        bar.step(f"{name} checked")
+        results[name] = _time_fused(name, t64, case, dtype, dev, time_budget, bar)
+    results["mtlora-loop"] = _time_loop(t64, case, dtype, dev, time_budget, bar)
+
+    print("", file=out)
+    print("checks (forward and gradients of x, lora_a, lora_b):", file=out)
+    for text in check_lines:
+        print(text, file=out)
+    print("", file=out)
+    print(f"timing (median of repeated runs, {dev.type}, {str(dtype).replace('torch.', '')}; speed-up is the "
+          "MTLoRA-style eager loop's time divided by the row's):", file=out)
+    header = f"  {'implementation':<20} {'forward ms':>11} {'fwd+bwd ms':>11} {'speed-up fwd':>13} {'speed-up f+b':>13}"
+    print(header, file=out)
+    base = results["mtlora-loop"]
+    for name, r in results.items():
+        label = "mtlora-loop (eager)" if name == "mtlora-loop" else f"fused [{name}]"
+        print(f"  {label:<20} {r['fwd']:>11.3f} {r['fwdbwd']:>11.3f} "
+              f"{base['fwd'] / r['fwd']:>12.2f}x {base['fwdbwd'] / r['fwdbwd']:>12.2f}x", file=out)
+    print("", file=out)
+    if failures:
+        print(f"demo: FAIL ({failures} backend(s) failed the check)", file=out)
+        return 1
+    print(f"demo: PASS ({len(runnable)} backend(s) match the reference)", file=out)
+    return 0
+
+
+def _time_fused(name, t64, case, dtype, dev, budget, bar) -> dict[str, float]:
+    import fastdense
+
+    leaves = {k: v.to(dtype).detach().requires_grad_(k in _GRAD_NAMES) for k, v in t64.items()}
+    grad = leaves.pop("grad").detach()
+
+    def forward():
+        return fastdense.ops.mt_lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
+                                            leaves["lora_b"], case.ranks, case.scales)
+
+    def fwd_bwd():
+        for k in _GRAD_NAMES:
+            leaves[k].grad = None
+        forward().backward(grad)
+
+    with _force_backend(name):
+        fwd = _median_ms(forward, dev, budget)
+        bar.step(f"{name} forward timed")
+        both = _median_ms(fwd_bwd, dev, budget)
+        bar.step(f"{name} forward+backward timed")
+    return {"fwd": fwd, "fwdbwd": both}
+
+
+def _time_loop(t64, case, dtype, dev, budget, bar) -> dict[str, float]:
+    import torch
+
+    x = t64["x"].to(dtype).requires_grad_(True)
+    weight, bias = t64["weight"].to(dtype), t64["bias"].to(dtype)
+    # Separate leaf tensors per adapter, as MTLoRA holds one nn.Linear pair per task.
+    a_list = [a.to(dtype).clone().requires_grad_(True) for a in t64["lora_a"].split(case.ranks, 0)]
+    b_list = [b.to(dtype).clone().requires_grad_(True) for b in t64["lora_b"].split(case.ranks, 1)]
+    grads = list(t64["grad"].to(dtype).unbind(0))
+
+    def forward():
+        return mtlora_loop(x, weight, bias, a_list, b_list, case.scales)
+
+    def fwd_bwd():
+        for t in [x, *a_list, *b_list]:
+            t.grad = None
+        shared, tasks = forward()
+        torch.autograd.backward([shared, *tasks.values()], grads)
+
+    fwd = _median_ms(forward, dev, budget)
+    bar.step("loop forward timed")
+    both = _median_ms(fwd_bwd, dev, budget)
+    bar.step("loop forward+backward timed")
+    return {"fwd": fwd, "fwdbwd": both}
