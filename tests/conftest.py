@@ -4,7 +4,10 @@ Without a CUDA device, Triton kernels run in the Triton interpreter on CPU
 tensors. TRITON_INTERPRET must be set before anything imports triton or
 fastdense.kernels, which is why it is done here, at collection time.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 
 def _cuda_available() -> bool:
@@ -18,6 +21,13 @@ def _cuda_available() -> bool:
 
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A fresh Inductor cache per run: the default one in /tmp outlives the session,
+# and its cached graphs can call fastdense ops with a schema that has changed since.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="fastdense-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
