@@ -29,6 +29,10 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
     atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
+# The subprocess demo tests check the op part; the demo's training is tested
+# in-process with tiny settings (tests/engine).
+os.environ.setdefault("FASTDENSE_DEMO_STEPS", "0")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
