@@ -8,6 +8,7 @@
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -27,6 +28,13 @@ def _extensions():
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is an inline template whose OpenMP pragmas only take
+        # effect in code compiled with -fopenmp; without it the CPU kernels run
+        # on one thread. libgomp.so.1 is the runtime torch itself loads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = os.environ.get("FORCE_CUDA", "") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
@@ -37,9 +45,10 @@ def _extensions():
             sources,
             define_macros=[("FASTDENSE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("fastdense._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fastdense._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     print(f"fastdense: building fastdense._C ({'C++ CPU + CUDA' if with_cuda else 'C++ CPU only'})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -10,6 +10,9 @@
 //   backward: one pass reads the G output gradients once to form their sum, the
 //             small-rank dh columns, and per-thread partials of dB and dbias.
 // Adapters of larger rank (MTLoRA's shared rank 64) are real GEMMs.
+// at::parallel_for is an inline template: it only spreads rows over threads
+// when this file is compiled with OpenMP (-fopenmp, matching torch's OpenMP
+// backend); otherwise the row passes run on the calling thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -174,8 +177,8 @@ void forward_impl(const Plan& p, bool shared_in_tasks, const Tensor& x, const Te
       mm(cols(h, p.off[t], p.len[t]), x_tasks.select(0, t - 1), lora_a.narrow(0, p.off[t], p.len[t]).t());
   }
 
-  // Base without bias: addmm's broadcast copy of the bias costs a full extra
-  // pass, while the row pass adds it to a row it loads anyway.
+  // Base without bias: addmm would first copy the broadcast bias into all of
+  // out[0], a full extra pass; the row pass adds it to rows it loads anyway.
   Tensor out0 = out.select(0, 0);
   mm(out0, x, weight.t());
 
@@ -188,14 +191,15 @@ void forward_impl(const Plan& p, bool shared_in_tasks, const Tensor& x, const Te
   if (!shared_small && shared_in_tasks) big_update(0, 0);
 
   if (G > 1 || bias.defined() || shared_small) {
-    Tensor bt = lora_b.t().to(acc_type(x.scalar_type())).contiguous();
+    // B^T in the accumulation type, for the small-rank updates only.
+    Tensor bt = p.any_small() ? lora_b.t().to(acc_type(x.scalar_type())).contiguous() : Tensor();
     cpu::ExpandRows<scalar_t> k;
     k.n = N;
     k.base = out0.data_ptr<scalar_t>();
     k.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     k.h = h.data_ptr<scalar_t>();
     k.ld_h = p.R;
-    k.bt = bt.data_ptr<acc_t>();
+    k.bt = bt.defined() ? bt.data_ptr<acc_t>() : nullptr;
     k.shared_in_tasks = shared_in_tasks;
     if (shared_small) k.shared = p.adapter<acc_t>(0);
     for (int64_t t = 1; t < G; ++t) {

@@ -125,16 +125,16 @@ C10_ALWAYS_INLINE void adapter_sweep(const acc_t* C10_RESTRICT v, const acc_t* C
   }
 #endif
   for (int k = 0; k < R; ++k) {
-    const acc_t* C10_RESTRICT m = mat + k * ld_mat;
-    acc_t* C10_RESTRICT a = acc + k * n;
-    acc_t sum = acc_t(0);
-    for (int64_t j = j0; j < n; ++j) {
-      if (DH) sum += v[j] * m[j];
-      if (DB) a[j] += c[k] * v[j];
-    }
     if (DH) {
+      const acc_t* C10_RESTRICT m = mat + k * ld_mat;
+      acc_t sum = acc_t(0);
+      for (int64_t j = j0; j < n; ++j) sum += v[j] * m[j];
       for (int64_t l = 0; l < L; ++l) sum += lanes[k][l];
       dots[k] = sum;
+    }
+    if (DB) {
+      acc_t* C10_RESTRICT a = acc + k * n;
+      for (int64_t j = j0; j < n; ++j) a[j] += c[k] * v[j];
     }
   }
 }
@@ -179,7 +179,9 @@ struct ExpandRows {
       }
       if (s0.len) {
         for (int64_t k = 0; k < s0.len; ++k) c[k] = s0.scale * static_cast<acc_t>(hi[s0.off + k]);
-        with_rank(s0.len, [&](auto r) C10_ALWAYS_INLINE_ATTRIBUTE { combine_row<decltype(r)::value>(sh, static_cast<const acc_t*>(nullptr), bt + s0.off * n, n, c, n); });
+        with_rank(s0.len, [&](auto r) C10_ALWAYS_INLINE_ATTRIBUTE {
+          combine_row<decltype(r)::value>(sh, static_cast<const acc_t*>(nullptr), bt + s0.off * n, n, c, n);
+        });
         if (shared_in_tasks) {
           for (int64_t j = 0; j < n; ++j) b[j] += sh[j];
         }
@@ -188,7 +190,9 @@ struct ExpandRows {
         const SmallAdapter<acc_t> a = tasks[t];
         for (int64_t k = 0; k < a.len; ++k) c[k] = a.scale * static_cast<acc_t>(hi[a.off + k]);
         scalar_t* d = dst[t] + i * n;
-        with_rank(a.len, [&](auto r) C10_ALWAYS_INLINE_ATTRIBUTE { combine_row<decltype(r)::value>(d, static_cast<const acc_t*>(b), bt + a.off * n, n, c, n); });
+        with_rank(a.len, [&](auto r) C10_ALWAYS_INLINE_ATTRIBUTE {
+          combine_row<decltype(r)::value>(d, static_cast<const acc_t*>(b), bt + a.off * n, n, c, n);
+        });
       }
       if (s0.len && !shared_in_tasks) {
         for (int64_t j = 0; j < n; ++j) base_i[j] = static_cast<scalar_t>(b[j] + sh[j]);

@@ -77,7 +77,8 @@ def backward(grad, x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tas
                 dh[:, a0:a1].t() @ x_tasks[t - 1] for t, (a0, a1) in enumerate(seg) if t > 0])
         d_u = dh[:, s0:s1] @ lora_a[s0:s1]
         if needs[6]:
-            d_x_tasks = torch.stack([dh[:, a0:a1] @ lora_a[a0:a1] for t, (a0, a1) in enumerate(seg) if t > 0])
+            per_task = [dh[:, a0:a1] @ lora_a[a0:a1] for t, (a0, a1) in enumerate(seg) if t > 0]
+            d_x_tasks = torch.stack(per_task) if per_task else torch.zeros_like(x_tasks)
 
     d_x = empty
     if needs[0]:

@@ -18,6 +18,7 @@ Tensor contract shared by all backends (2-D inputs, G = 1 + T adapters):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -283,11 +284,12 @@ def mt_lora_linear(
     check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora, x_tasks)
     lead = x.shape[:-1]
     k = x.shape[-1]
+    m = math.prod(lead)  # explicit, as reshape cannot infer -1 for empty tensors
 
     def flat(t):
-        return None if t is None else t.reshape(-1, k).contiguous()
+        return None if t is None else t.reshape(m, k).contiguous()
 
-    x_tasks_2d = None if x_tasks is None else x_tasks.reshape(x_tasks.shape[0], -1, k).contiguous()
+    x_tasks_2d = None if x_tasks is None else x_tasks.reshape(x_tasks.shape[0], m, k).contiguous()
     out, _ = torch.ops.fastdense.mt_lora_linear(
         flat(x), weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), ranks, scales,
         bool(shared_in_tasks), flat(x_lora), x_tasks_2d)

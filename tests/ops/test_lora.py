@@ -308,3 +308,20 @@ def test_autocast_runs_in_the_autocast_dtype():
     expected = reference.mt_lora_linear(i["x"], i["weight"], i["bias"], i["lora_a"], i["lora_b"],
                                         list(case.ranks), scales_for(case))
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("lead, ranks", [((0,), (3, 1)), ((2, 0), (2,)), ((3,), (2,))], ids=str)
+def test_empty_and_task_free_inputs(backend, lead, ranks):
+    """M = 0 rows, and x_tasks given with T = 0 tasks (a single LoRA)."""
+    case = Case(lead, 5, 4, ranks, x_tasks=True)
+    inputs = make_inputs(case, device=device_for(backend))
+    with fastdense.ops.backend(backend):
+        out, grads = run(mt_lora_linear, inputs, case, torch.ones(len(ranks), *lead, 4, device=device_for(backend)))
+    ref_out, ref_grads = run(reference_fn, inputs, case, torch.ones(len(ranks), *lead, 4, device=device_for(backend)))
+    assert out.shape == (len(ranks), *lead, 4)
+    close(out, ref_out, "forward", 1e-5)
+    for name, g in ref_grads.items():
+        if g is None:  # the reference never reads x_tasks when T = 0
+            g = torch.zeros_like(inputs[name])
+        close(grads[name], g, f"grad {name}", 1e-5)
