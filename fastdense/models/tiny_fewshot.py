@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdense.models._tasks import validate_tasks
 from fastdense.nn import LoRALinear, lora_parameters
 
 #: Channels of the labels of the synthetic scenes' single- and few-channel tasks.
@@ -48,17 +49,7 @@ LABEL_SCALE = {"depth_euclidean": 10.0, "depth_zbuffer": 10.0, "principal_curvat
 
 
 def check_fewshot_tasks(tasks: Sequence[str]) -> List[str]:
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError(f"at least one task is needed; supported tasks: {', '.join(FEWSHOT_TASKS)}")
-    unknown = [t for t in tasks if t not in FEWSHOT_TASK_CHANNELS]
-    if unknown:
-        raise ValueError(f"unknown few-shot task(s) {unknown}; supported tasks: {', '.join(FEWSHOT_TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be unique, got {tasks}")
-    return tasks
+    return validate_tasks(tasks, FEWSHOT_TASKS, kind="few-shot task")
 
 
 class _Block(nn.Module):

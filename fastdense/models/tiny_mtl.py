@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdense.models._tasks import validate_tasks
 from fastdense.nn import LoRALinear, MultiTaskLoRALinear
 
 # Output channels of each supported task; semseg has one logit per class of
@@ -32,17 +33,7 @@ SUPPORTED_TASKS = tuple(TASK_CHANNELS)
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     """Validate a task list against :data:`SUPPORTED_TASKS`; returns it as a list."""
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError(f"at least one task is needed; supported tasks: {', '.join(SUPPORTED_TASKS)}")
-    unknown = [t for t in tasks if t not in TASK_CHANNELS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; supported tasks: {', '.join(SUPPORTED_TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be unique, got {tasks}")
-    return tasks
+    return validate_tasks(tasks, SUPPORTED_TASKS)
 
 
 class _Block(nn.Module):
