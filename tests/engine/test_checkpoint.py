@@ -14,14 +14,6 @@ from fastdense.models import build_model
 TASKS = ["semseg", "normal", "depth_euclidean", "saliency"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _trainer(run_dir, steps, seed_init=0):
     torch.manual_seed(seed_init)
     # Dropout in the LoRA layers makes the run consume torch's RNG, so resuming must restore it.

@@ -16,14 +16,6 @@ from fastdense.models import FEWSHOT_MODELS, MODELS, TinyFewShot, build_model
 from fastdense.nn import lora_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def sampler():
     # Fold 3 holds out the two depths; 12 meta-training scenes, 6 test scenes.

@@ -15,13 +15,6 @@ TINY = ["--steps", "3", "--batch-size", "2", "--train-samples", "4", "--val-samp
         "--no-progress", "--log-every", "1", "--model", "tiny_mtl_small"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
-
-
 def _run(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "fastdense", *args], capture_output=True, text=True, env=env,

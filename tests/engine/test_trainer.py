@@ -17,15 +17,6 @@ from fastdense.models import MODELS, build_model
 TASKS = ["semseg", "normal", "depth_euclidean", "saliency"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two torch threads on a shared 2-core machine spin against other processes; one is faster here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _tiny_model(tasks=TASKS, seed=0):
     torch.manual_seed(seed)
     return build_model("tiny_mtl_small", tasks)
