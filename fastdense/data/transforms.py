@@ -280,37 +280,41 @@ class PadTo(_Resampling):
         return _map(sample, lambda k, t: self._pad(k, t, h, w))
 
 
-class RandomCrop(_Resampling):
-    """Crop ``size``; a smaller sample is first padded at the bottom and right
-    (labels with their ignore value). The offset is uniform over all crops
-    that fit: rows in ``[0, H - h]``, columns in ``[0, W - w]``."""
+class _Crop(_Resampling):
+    """Crop ``size`` at the offset ``_offset`` picks; a smaller sample is first
+    padded at the bottom and right (labels with their ignore value)."""
 
     def __init__(self, size, **kwargs) -> None:
         super().__init__(**kwargs)
         self.size = _size2(size)
 
+    def _offset(self, H, W, generator):
+        raise NotImplementedError
+
     def __call__(self, sample, generator=None):
         h, w = self.size
         sample = _map(sample, lambda k, t: self._pad(k, t, h, w))
-        H, W = _spatial(sample)
+        top, left = self._offset(*_spatial(sample), generator)
+        return _map(sample, lambda k, t: t[..., top:top + h, left:left + w])
+
+
+class RandomCrop(_Crop):
+    """Crop ``size``, padding first if smaller. The offset is uniform over all
+    crops that fit: rows in ``[0, H - h]``, columns in ``[0, W - w]``."""
+
+    def _offset(self, H, W, generator):
+        h, w = self.size
         top = int(torch.randint(0, H - h + 1, (), generator=generator))
         left = int(torch.randint(0, W - w + 1, (), generator=generator))
-        return _map(sample, lambda k, t: t[..., top:top + h, left:left + w])
+        return top, left
 
 
-class CenterCrop(_Resampling):
+class CenterCrop(_Crop):
     """Crop ``size`` from the centre, offset ``(H - h) // 2`` (VTM's test-time crop)."""
 
-    def __init__(self, size, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.size = _size2(size)
-
-    def __call__(self, sample, generator=None):
+    def _offset(self, H, W, generator):
         h, w = self.size
-        sample = _map(sample, lambda k, t: self._pad(k, t, h, w))
-        H, W = _spatial(sample)
-        top, left = (H - h) // 2, (W - w) // 2
-        return _map(sample, lambda k, t: t[..., top:top + h, left:left + w])
+        return (H - h) // 2, (W - w) // 2
 
 
 class Normalize(JointTransform):
