@@ -9,17 +9,21 @@ from fastdense.ops._dispatch import (
     select,
 )
 from fastdense.ops import reference
+from fastdense.ops.attn_aggregate import attn_mask_aggregate
 from fastdense.ops.lora import lora_linear, mt_lora_linear
+from fastdense.ops.timesteps import q_sample_multi
 
 __all__ = [
     "BACKENDS",
     "BackendNotSupportedError",
+    "attn_mask_aggregate",
     "backend",
     "forced_backend",
     "implementations",
     "lora_linear",
     "machine_report",
     "mt_lora_linear",
+    "q_sample_multi",
     "reference",
     "select",
 ]
