@@ -457,6 +457,77 @@ def test_stash_holds_query_key_between_attn1_and_attn2():
     assert tap.stash is None
 
 
+# ----------------------------------------------------------------------------- processors alone
+class _Sink:
+    """Stands in for the recorder: collects what the cross-attention processor records."""
+
+    def __init__(self):
+        self.recorded = []
+
+    def _record(self, tap, m_attn):
+        self.recorded.append(m_attn)
+
+
+def test_self_tap_processor_matches_sdpa_on_every_attention_option():
+    """group_norm, spatial_norm, 4-D input, qk_norm, residual and rescale as in AttnProcessor2_0: torch.equal."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=8, bias=True, norm_num_groups=4, spatial_norm_dim=3,
+                     qk_norm="layer_norm", residual_connection=True, rescale_output_factor=2.0).eval()
+    x, temb = torch.randn(2, 32, 5, 3), torch.randn(2, 3, 2, 2)  # SpatialNorm needs 32 | channels
+    expected = AttnProcessor2_0()(attn, x, temb=temb)
+    tap = attention_masks._BlockTap(_Sink(), "blk", None)
+    got = attention_masks.SelfAttentionTapProcessor(tap)(attn, x, temb=temb)
+    assert torch.equal(got, expected)
+    q, k, scale = tap.stash
+    assert q.shape == k.shape == (2, 2, 15, 8) and scale == pytest.approx(8 ** -0.5)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        attention_masks.SelfAttentionTapProcessor(tap)(attn, x, attention_mask=torch.zeros(2, 15), temb=temb)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bias", "bool"])
+def test_cross_tap_processor_map_and_output(mask_kind):
+    """attn2 with norm_cross and an encoder mask: output equal to AttnProcessor2_0, M_attn from the masked M_ca."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    b, length, n, heads, d = 2, 7, 5, 3, 4
+    attn = Attention(query_dim=12, cross_attention_dim=6, heads=heads, dim_head=d,
+                     cross_attention_norm="layer_norm").eval()
+    x, ctx = torch.randn(b, length, 12), torch.randn(b, n, 6)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, -2:] = False
+    mask = {None: None, "bias": (~keep).float()[:, None, :] * -10000.0, "bool": keep[:, None, :]}[mask_kind]
+    q_self, k_self = torch.randn(b, 2, length, 8), torch.randn(b, 2, length, 8)
+
+    sink = _Sink()
+    tap = attention_masks._BlockTap(sink, "blk", None)
+    tap.stash = (q_self, k_self, 0.3)
+    got = attention_masks.CrossAttentionTapProcessor(tap)(attn, x, ctx, attention_mask=mask)
+    expected = AttnProcessor2_0()(attn, x, ctx, attention_mask=mask)
+    assert torch.equal(got, expected)
+    assert tap.stash is None
+
+    # Explicit M_ca: per-head probabilities over the tokens, masked tokens get none.
+    q = attn.to_q(x).reshape(b, length, heads, d).transpose(1, 2)
+    k = attn.to_k(attn.norm_encoder_hidden_states(ctx)).reshape(b, n, heads, d).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if mask_kind is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    m_ca = scores.softmax(-1).mean(1)
+    m_ca = m_ca / m_ca.sum(-1, keepdim=True)
+    p_sa = torch.softmax(q_self @ k_self.transpose(-1, -2) * 0.3, dim=-1)
+    expected_map = (p_sa.transpose(-1, -2) @ m_ca[:, None]).mean(1)
+    (m_attn,) = sink.recorded
+    torch.testing.assert_close(m_attn, expected_map, rtol=1e-5, atol=1e-6)
+    if mask_kind is not None:
+        assert m_attn[0, :, -2:].abs().max() < 1e-6
+
+    with pytest.raises(RuntimeError, match="before its self-attention"):
+        attention_masks.CrossAttentionTapProcessor(tap)(attn, x, ctx)
+
+
 # ----------------------------------------------------------------------------- real weights
 @pytest.mark.skipif(not os.environ.get("FASTDENSE_SD_DIR"),
                     reason="set FASTDENSE_SD_DIR to a local Stable Diffusion directory (with unet/) to run")
