@@ -73,9 +73,12 @@ embeddings replacing the text tokens)::
     loss = F.nll_loss(m_label.clamp_min(1e-8).log(), bucket_ids)
     loss.backward()                                # gradients reach c
 
-Limitations: masked self-attention (an ``attention_mask`` for attn1) is not
-supported by the aggregation and raises; gradient checkpointing of the chosen
-blocks would record the maps again during the backward recomputation.
+Maps are recorded once per U-Net forward call (a forward pre-hook on the
+U-Net counts them): with gradient checkpointing, the blocks' recomputation
+during the backward computes the map again (checkpoint needs the same saved
+tensors) but the forward's recorded map stays. Masked self-attention (an
+``attention_mask`` reaching attn1) is not supported by the aggregation and
+raises; an encoder attention mask is applied to M_ca.
 """
 from __future__ import annotations
 
@@ -234,6 +237,8 @@ class _BlockTap:
         self.grid_key = grid_key
         # (q, k, scale) of attn1, alive only between attn1 and attn2 of one forward.
         self.stash: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        # The U-Net forward whose map this block recorded last (see _aggregate).
+        self.recorded_in: int | None = None
 
 
 class SelfAttentionTapProcessor:
@@ -284,7 +289,15 @@ class CrossAttentionTapProcessor:
         m_ca = scores.softmax(dim=-1).mean(dim=1)
         m_ca = m_ca / m_ca.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(m_ca.dtype).tiny)
         m_attn = attn_mask_aggregate(q_self, k_self, m_ca.to(q_self.dtype), scale_self)  # (B, L, N)
+        if tap.recorded_in == tap.recorder._forward_id:
+            # A second run of the block inside one U-Net forward: gradient
+            # checkpointing recomputing it during the backward. The recomputation
+            # must still compute the map (checkpoint checks that the same tensors
+            # are saved again, and they feed the backward of the recorded map),
+            # but the recorded map of this forward stays.
+            return
         tap.recorder._record(tap, m_attn)
+        tap.recorded_in = tap.recorder._forward_id
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -324,6 +337,7 @@ class AttentionMaskRecorder:
         self._taps: dict[str, _BlockTap] = {}
         self._originals: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._forward_id = 0  # counts U-Net forward calls
         self.install()
 
     # ------------------------------------------------------------------ selection
@@ -373,6 +387,7 @@ class AttentionMaskRecorder:
         """Put the recording processors on the chosen blocks (done by the constructor)."""
         if self.installed:
             return self
+        self._hooks.append(self.unet.register_forward_pre_hook(self._count_forward))
         parents: set[str] = set()
         for name in self.layers:
             block = self._blocks[name]
@@ -389,6 +404,9 @@ class AttentionMaskRecorder:
                 self._hooks.append(self.unet.get_submodule(parent).register_forward_pre_hook(
                     self._grid_hook(parent), with_kwargs=True))
         return self
+
+    def _count_forward(self, module, args) -> None:
+        self._forward_id += 1
 
     def _grid_hook(self, key: str):
         def hook(module, args, kwargs):

@@ -192,6 +192,38 @@ def test_gradient_through_label_map_only():
     torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-11)
 
 
+def test_gradient_checkpointing_records_once(monkeypatch):
+    """Checkpointed blocks rerun during the backward; the recorder keeps the forward's maps."""
+    calls = []
+    op = attention_masks.attn_mask_aggregate
+
+    def counting_op(*args, **kwargs):
+        calls.append(1)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(attention_masks, "attn_mask_aggregate", counting_op)
+    results = []
+    for checkpointing in (False, True):
+        unet = make_unet(CONFIG_B, dtype=torch.float64)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode
+        sample, emb = make_inputs(unet, 2, (8, 6), 4, torch.float64)
+        emb.requires_grad_(True)
+        calls.clear()
+        with AttentionMaskRecorder(unet, [1, 4, 6]) as rec:
+            out = run(unet, sample, emb)
+            maps = rec.maps
+            m_label = rec.label_map()
+            ((m_label * torch.arange(m_label.numel()).view_as(m_label)).sum() + out.sum()).backward()
+            assert all(rec.maps[n] is maps[n] for n in maps)  # not replaced by the recomputation
+        # The recomputation runs the op again (checkpoint needs its saved tensors).
+        assert len(calls) == (6 if checkpointing else 3)
+        results.append((m_label.detach(), emb.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- 2. output unchanged
 @pytest.mark.parametrize("config", ["A", "C"])
 @pytest.mark.parametrize("grad", [False, True])
@@ -463,6 +495,7 @@ class _Sink:
 
     def __init__(self):
         self.recorded = []
+        self._forward_id = 0
 
     def _record(self, tap, m_attn):
         self.recorded.append(m_attn)
