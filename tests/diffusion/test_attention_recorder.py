@@ -7,6 +7,7 @@ the processor bookkeeping (install/remove, layer selection) directly.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -251,6 +252,27 @@ def test_output_close_when_replacing_a_non_sdpa_processor():
         with AttentionMaskRecorder(unet):
             got = run(unet, sample, emb)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_unet(dtype):
+    """Output bit-for-bit; M_label error vs fp64 at most 2x that of the probe reference run in the same dtype."""
+    unet = make_unet(CONFIG_C, dtype=dtype)
+    sample, emb = make_inputs(unet, 2, (12, 10), 5, dtype)
+    size = (24, 20)
+    with torch.no_grad():
+        expected = run(unet, sample, emb)
+        with AttentionMaskRecorder(unet) as rec:
+            got = run(unet, sample, emb)
+            m_label = rec.label_map(size=size)
+        _, _, m_low = reference_label_map(unet, sample, emb, rec.layers, size)
+        unet64 = copy.deepcopy(unet).double()  # the same (rounded) weights in fp64
+        _, _, m_64 = reference_label_map(unet64, sample.double(), emb.double(), rec.layers, size)
+    assert torch.equal(got, expected)
+    assert m_label.dtype == torch.float32
+    err = (m_label.double() - m_64).abs().max()
+    err_ref = (m_low.double() - m_64).abs().max()
+    assert err <= 2 * err_ref + 1e-6, (err, err_ref)
 
 
 # ----------------------------------------------------------------------------- 3. install / remove
