@@ -26,8 +26,9 @@ chosen ``BasicTransformerBlock``:
   over heads and normalised over N, and the block's map
   ``fastdense.ops.attn_mask_aggregate(q_self, k_self, M_ca, scale_self)``
   (B, L, N) — the fused op never materialises the L × L matrix M_sa (at 64 × 64
-  latents L = 4096: 8 heads × 4096² values per sample and layer). The kept
-  query/key are released right after.
+  latents L = 4096: SD 1.x's 8 heads × 4096² values per sample and layer). The
+  kept query/key are released right after. No ``lse`` is passed: SDPA does not
+  return its log-sum-exp, so the op computes it in its first pass.
 
 The U-Net's output is unchanged: the processors compute the same tensors with
 the same calls as ``AttnProcessor2_0`` (the default processor of diffusers'
@@ -407,6 +408,10 @@ class AttentionMaskRecorder:
 
     def _count_forward(self, module, args) -> None:
         self._forward_id += 1
+        # A recomputation that stopped between attn1 and attn2 (checkpoint's
+        # early stop) can leave a stash behind; a new forward never needs it.
+        for tap in self._taps.values():
+            tap.stash = None
 
     def _grid_hook(self, key: str):
         def hook(module, args, kwargs):

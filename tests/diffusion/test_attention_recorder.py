@@ -300,6 +300,30 @@ def test_remove_restores_original_processor_objects():
     assert all(unet.attn_processors[n] is before[n] for n in before)
 
 
+class _ModuleProcessor(torch.nn.Module):
+    """A processor with weights (like diffusers' IP-adapter processors): registered as a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * self.gain
+
+
+def test_remove_restores_a_module_processor_and_its_registration():
+    unet = make_unet(CONFIG_A)
+    attn = unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1")
+    proc = _ModuleProcessor()
+    attn.set_processor(proc)
+    n_params = len(list(unet.parameters()))
+    rec = AttentionMaskRecorder(unet, "mid_block")
+    assert type(attn.processor) is attention_masks.SelfAttentionTapProcessor
+    rec.remove()
+    assert attn.processor is proc and attn._modules["processor"] is proc
+    assert len(list(unet.parameters())) == n_params
+
+
 def test_context_manager_and_reinstall():
     unet = make_unet(CONFIG_A)
     before = unet.attn_processors
