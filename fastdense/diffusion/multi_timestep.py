@@ -34,6 +34,7 @@ Decisions the paper leaves open (see also the docstrings):
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import OrderedDict
 from typing import Sequence
 
@@ -172,6 +173,15 @@ class MultiTimestepFeatures(nn.Module):
 
             self.unet.set_attn_processor(AttnProcessor2_0())
 
+    def _apply(self, fn, recurse=True):
+        # ᾱ follows device moves but never dtype casts: in bf16, ᾱ_1 = 0.99915
+        # rounds to 1 and √(1 − ᾱ_1) to 0, so extractor.to(torch.bfloat16)
+        # must leave the schedule in fp32.
+        abar = self._buffers["alphas_cumprod"]
+        super()._apply(fn, recurse)
+        self._buffers["alphas_cumprod"] = abar.to(self._buffers["alphas_cumprod"].device)
+        return self
+
     # ------------------------------------------------------------------ configuration
     def available_layers(self) -> list[str]:
         """Names accepted by ``layers``, in execution order."""
@@ -207,10 +217,14 @@ class MultiTimestepFeatures(nn.Module):
         else:
             if isinstance(timesteps, (int, str, bytes)):
                 raise TypeError(f"timesteps must be a sequence of ints, got {type(timesteps).__name__}")
-            values = list(timesteps)
-            for t in values:
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise TypeError(f"timesteps must be ints, got {t!r} ({type(t).__name__})")
+            values = []
+            for t in timesteps:
+                try:  # ints, numpy integers and 0-d integer tensors; not floats or bools
+                    if isinstance(t, bool):
+                        raise TypeError
+                    values.append(operator.index(t))
+                except TypeError:
+                    raise TypeError(f"timesteps must be ints, got {t!r} ({type(t).__name__})") from None
         if not values:
             raise ValueError("timesteps must not be empty")
         t_train = self.num_train_timesteps

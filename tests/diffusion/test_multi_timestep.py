@@ -216,6 +216,23 @@ def test_timesteps_order_and_schedule(unet):
     torch.testing.assert_close(got, captured[0], atol=ATOL, rtol=RTOL)
 
 
+def test_low_precision_keeps_fp32_schedule():
+    ext = MultiTimestepFeatures(tiny_unet(), timesteps=(1, 100), layers=["up_blocks.1"])
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    want = ext(latents, noise=noise)["up_blocks.1"]
+    ext.to(torch.bfloat16)
+    assert ext.alphas_cumprod.dtype == torch.float32 and ext.conditioning.dtype == torch.bfloat16
+    assert ext.unet.conv_in.weight.dtype == torch.bfloat16
+    got = ext(latents, noise=noise)["up_blocks.1"]
+    assert got.dtype == torch.bfloat16
+    # bf16 weights and activations: a few percent of the features' scale
+    assert (got.float() - want).norm() / want.norm() < 5e-2
+    # numpy and 0-d tensor integers are timesteps too
+    np = pytest.importorskip("numpy")
+    ext.set_timesteps([np.int64(3), torch.tensor(4)])
+    assert ext.timesteps == (3, 4)
+
+
 def test_validation_errors(unet):
     with pytest.raises(ValueError, match=r"unknown layer.*'up_blocks.7'.*valid names.*up_blocks.1"):
         MultiTimestepFeatures(unet, layers=["up_blocks.7"])
@@ -227,6 +244,8 @@ def test_validation_errors(unet):
         MultiTimestepFeatures(unet, timesteps=())
     with pytest.raises(TypeError, match="ints"):
         MultiTimestepFeatures(unet, timesteps=(1.5, 2))
+    with pytest.raises(TypeError, match="ints"):
+        MultiTimestepFeatures(unet, timesteps=(True, 2))
     with pytest.raises(TypeError, match="integer tensor"):
         MultiTimestepFeatures(unet, timesteps=torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"conditioning.*\(1, n, 32\)"):
