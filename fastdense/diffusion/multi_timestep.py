@@ -295,8 +295,10 @@ class MultiTimestepFeatures(nn.Module):
     def _timesteps_on(self, timesteps, device) -> torch.Tensor:
         if timesteps is None:
             return self.timestep_tensor.to(device)
-        if isinstance(timesteps, torch.Tensor) and torch.compiler.is_compiling():
-            return timesteps.to(device=device, dtype=torch.long)  # checked by whoever built it
+        if isinstance(timesteps, torch.Tensor) and (torch.compiler.is_compiling() or timesteps.device.type != "cpu"):
+            # Checking a device tensor's values would synchronise with the
+            # device on every call (and break a compiled graph): trusted.
+            return timesteps.to(device=device, dtype=torch.long)
         return self._check_timesteps(timesteps).to(device)
 
     def draw_noise(self, latents: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -312,7 +314,9 @@ class MultiTimestepFeatures(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Features of latents z_0 (B, C, h, w) at ``timesteps`` (default: the
-        module's) from one U-Net call. ``noise``: (B, C, h, w), shared by the
+        module's) from one U-Net call. Timesteps given as ints or a CPU tensor
+        are range-checked; a CUDA tensor is used as is (checking it would
+        synchronise), as is any tensor under ``torch.compile``. ``noise``: (B, C, h, w), shared by the
         timesteps, or (k, B, C, h, w); drawn (see ``noise``) when None."""
         in_channels = self.unet.config.in_channels
         if latents.dim() != 4 or latents.shape[1] != in_channels:
@@ -331,7 +335,7 @@ class MultiTimestepFeatures(nn.Module):
         z_t = z_t.to(self._unet_dtype())
         if self.channels_last:
             z_t = z_t.contiguous(memory_format=torch.channels_last)
-        row_t = ts.repeat_interleave(batch)
+        row_t = ts[:, None].expand(k, batch).reshape(-1)  # row i·B + b has timestep i
         cond = self.conditioning if self.conditioning.dim() == 3 else self.conditioning.unsqueeze(0)
         cond = cond.to(self._unet_dtype()).expand(k * batch, -1, -1)
 
