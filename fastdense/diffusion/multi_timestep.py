@@ -5,9 +5,10 @@ Paper: ``timestep-selection-fewshot-dense.txt`` §3 (TTS/TFC on Visual Token
 Matching). The image encoder there is the Stable Diffusion U-Net fed the
 image's latent noised at k timesteps; for each timestep t the latent is
 
-    z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε          (DDPM forward process, §3.1)
+    z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε          (DDPM's forward process q(z_t | z_0))
 
-and the features are the outputs of U-Net decoder blocks. The official code
+and the features are the outputs of U-Net decoder blocks (§3.1; the
+timestep features 𝓕_𝒯 = 𝒟(𝒯) of Alg. 1, lines 2, 9 and 10). The official code
 (and ddpm-segmentation) runs the U-Net once per timestep; here the k noised
 copies are one (k·B) batch built by :func:`fastdense.ops.q_sample_multi`, and
 the U-Net runs once with a per-row timestep tensor. GroupNorm, attention and
