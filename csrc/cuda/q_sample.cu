@@ -86,6 +86,8 @@ q_sample_fwd_kernel(const T* __restrict__ z0, const T* __restrict__ noise, const
 #pragma unroll
         for (int j = 0; j < VEC; ++j) e[j] = Elem<T>::load(ep.v[j]);
       }
+      // Unrolled so that several timesteps' noise loads are in flight at once.
+#pragma unroll 4
       for (int64_t i = 0; i < k; ++i) {
         float cs, cn;
         coefficients(timesteps, alphas, i, num_train, cs, cn);
@@ -117,6 +119,7 @@ q_sample_bwd_kernel(const T* __restrict__ grad, const int64_t* __restrict__ time
       float acc_z[VEC], acc_n[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc_z[j] = acc_n[j] = 0.f;
+#pragma unroll 4
       for (int64_t i = 0; i < k; ++i) {
         float cs, cn;
         coefficients(timesteps, alphas, i, num_train, cs, cn);
