@@ -200,6 +200,30 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_eager_no_grad_fast_path_equals_the_operator(backend):
+    """Plain no-grad eager calls skip the torch.library wrapper; traced or differentiated ones must not."""
+    from fastdense.ops import timesteps as mod
+
+    device = device_for(backend)
+    z0, noise, ts = make_inputs(CASES[3], device=device)
+    alphas = schedule(torch.float32, device)
+    assert mod._eager_fast_path(z0, noise)
+    assert not mod._eager_fast_path(z0.requires_grad_(True), noise)
+    with torch.no_grad():
+        assert mod._eager_fast_path(z0, noise)
+    z0 = z0.detach()
+    mode = torch._subclasses.FakeTensorMode()
+    fake_z0, fake_noise = mode.from_tensor(z0), mode.from_tensor(noise)
+    with mode:
+        assert not mod._eager_fast_path(fake_z0, fake_noise)
+    with fastdense.ops.backend(backend):
+        with torch.no_grad():
+            fast = q_sample_multi(z0, noise, ts, alphas, "sample")
+            via_op = torch.ops.fastdense.q_sample_multi(z0.reshape(3, -1), noise.reshape(4, 3, -1), ts, alphas, True)
+    torch.testing.assert_close(fast, via_op.view_as(fast), atol=0, rtol=0)
+
+
 def test_schedule_gets_no_gradient_and_z0_only_needs_no_noise_grad():
     z0, noise, ts = make_inputs(CASES[2])
     alphas = schedule(torch.float32).requires_grad_(True)
