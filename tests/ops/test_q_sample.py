@@ -269,17 +269,20 @@ def test_device_kernels_write_nan_rows_for_out_of_range_timesteps():
     """What the GPU backends do with device timesteps the host does not read: stay in bounds, write NaN."""
     from fastdense.ops import timesteps as mod
 
-    z0, noise = torch.randn(2, 6), torch.randn(3, 2, 6)
-    ts = torch.tensor([4, -3, T_TRAIN + 7])
-    alphas = schedule(torch.float32)
-    impls = [mod.torch_forward]
-    if not fastdense.ops.implementations(OP)["triton"].machine_reasons():
+    impls = {"torch": (mod.torch_forward, "cpu")}
+    available = {name: not impl.machine_reasons() for name, impl in fastdense.ops.implementations(OP).items()}
+    if available["triton"]:
         from fastdense.kernels import q_sample as kernels
-        impls.append(kernels.forward)
-    for fwd in impls:
+        impls["triton"] = (kernels.forward, device_for("triton"))
+    if available["cuda"]:
+        impls["cuda"] = (mod._ext_forward, "cuda")
+    for name, (fwd, device) in impls.items():
+        z0, noise = torch.randn(2, 8, device=device), torch.randn(3, 2, 8, device=device)
+        ts = torch.tensor([4, -3, T_TRAIN + 7], device=device)
+        alphas = schedule(torch.float32, device)
         out = fwd(z0, noise, ts, alphas, False)
-        assert torch.isnan(out[2:]).all(), fwd
-        close(out[:2], reference.q_sample_multi(z0, noise[:1], ts[:1], alphas), "valid rows", 1e-6)
+        assert torch.isnan(out[2:]).all(), name
+        close(out[:2], reference.q_sample_multi(z0, noise[:1], ts[:1], alphas), f"valid rows {name}", 1e-6)
 
 
 @pytest.mark.gpu
@@ -342,3 +345,29 @@ def test_reference_is_diffusers_add_noise(layout):
     # and the op, on the schedule diffusers builds
     torch.testing.assert_close(q_sample_multi(z0, noise, ts, scheduler.alphas_cumprod, layout), expected,
                                atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- shape fuzzing
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def cases(draw):
+    k = draw(st.integers(1, 8))
+    return Case(shape=(draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 9)),
+                       draw(st.integers(1, 9))),
+                timesteps=tuple(draw(st.lists(st.integers(0, T_TRAIN - 1), min_size=k, max_size=k))),
+                layout=draw(st.sampled_from(["timestep", "sample"])), shared=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] in ("cpp", "triton", "cuda")])
+def test_fuzz_shapes_against_reference(backend):
+    examples = 6 if backend == "triton" and not torch.cuda.is_available() else 30
+
+    @settings(max_examples=examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(case=cases())
+    def check(case):
+        check_against_reference(backend, case)
+
+    check()
