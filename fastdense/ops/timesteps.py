@@ -116,9 +116,8 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def coefficients(timesteps, alphas_cumprod, dtype):
     """(√ᾱ_t, √(1 − ᾱ_t)) per timestep in the op's math dtype; NaN for t outside [0, T)."""
     num_train = alphas_cumprod.shape[0]
-    valid = (timesteps >= 0) & (timesteps < num_train)
-    abar = alphas_cumprod[timesteps.clamp(0, num_train - 1)].to(_opmath(dtype))
-    abar = torch.where(valid, abar, torch.full_like(abar, float("nan")))
+    invalid = (timesteps < 0) | (timesteps >= num_train)
+    abar = alphas_cumprod[timesteps.clamp(0, num_train - 1)].to(_opmath(dtype)).masked_fill_(invalid, float("nan"))
     return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -141,7 +140,8 @@ def _unrows(g: torch.Tensor, k: int, batch: int, sample_major: bool) -> torch.Te
 def torch_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
     c_signal, c_noise = coefficients(timesteps, alphas_cumprod, z0.dtype)
     math = c_signal.dtype
-    z_t = c_signal.view(-1, 1, 1) * z0.to(math) + c_noise.view(-1, 1, 1) * noise.to(math)  # (k, B, N)
+    # Two passes over the (k, B, N) result: the noise term, then z0's added in place.
+    z_t = (c_noise.view(-1, 1, 1) * noise.to(math)).addcmul_(c_signal.view(-1, 1, 1), z0.to(math))
     return _rows(z_t, sample_major).to(z0.dtype)
 
 
