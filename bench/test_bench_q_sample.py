@@ -138,7 +138,8 @@ def test_q_sample_multi(benchmark, measure, monkeypatch, device, dtype, shape, i
     with torch.no_grad():
         expected = reference.q_sample_multi(z0.float(), noise.float(), ts, alphas.float())
     got = forward().detach().float()
-    tol = 3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+    # bf16 baselines round ᾱ and each product to bf16; the scale is the largest output.
+    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5) * max(1.0, expected.abs().max().item())
     err = (got - expected).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
