@@ -1,21 +1,367 @@
-"""Multi-timestep noising: ``fastdense.ops.q_sample_multi``.
+"""Multi-timestep noising in one kernel: ``torch.ops.fastdense.q_sample_multi``.
 
-Until the fused backends land this runs the reference.
+From one latent batch z0 the op writes the k noised copies DDPM's forward
+process gives (Ho et al. 2020, Eq. 4; the timestep paper §3 noises one latent
+at the k selected timesteps)::
+
+    z_t = √ᾱ_t · z0 + √(1 − ᾱ_t) · ε,     t ∈ timesteps,
+
+as one (k·B, C, h, w) batch that a U-Net runs in a single pass, with the
+per-sample timestep tensor ``timesteps.repeat_interleave(B)`` ("timestep"
+layout, row i·B + b) or ``timesteps.repeat(B)`` ("sample" layout, row b·k + i).
+
+Tensor contract of the internal op and of every backend (N = C·h·w):
+
+    z0             (B, N)       contiguous, float16/bfloat16/float32/float64
+    noise          (S, B, N)    S = 1 (one ε shared by the timesteps) or k
+    timesteps      (k,)         int64, on z0's device
+    alphas_cumprod (T,)         float32/float64, on z0's device
+    sample_major   bool         the "sample" layout
+    -> out (k·B, N), dtype of z0
+
+Every backend reads z0 and a shared ε once for all k outputs (k + 1 + S
+element streams, the minimum), gathers ᾱ_t by index inside the kernel and
+computes the coefficients and the sum in float32 (float64 for float64
+inputs), casting on store. Backward::
+
+    ∂L/∂z0[b] = Σ_i √ᾱ_{t_i} · g_i[b]
+    ∂L/∂ε[i, b] = √(1 − ᾱ_{t_i}) · g_i[b]      (summed over i when ε is shared)
+
+``timesteps`` and ``alphas_cumprod`` get no gradient (a schedule is not
+trained; ``alphas_cumprod.requires_grad`` is ignored).
+
+Out-of-range timesteps. Checking ``0 <= t < T`` needs the values on the host.
+When they are there already -- CPU tensors, or ``timesteps`` passed on the
+CPU (or as a list) together with CUDA latents, which is how timesteps chosen in
+Python arrive -- the op raises ValueError before any work. Timesteps that live
+on the GPU are *not* copied back to check them (that would synchronise the
+device on every call, and break CUDA-graph capture); there every backend
+stays in bounds and writes NaN rows for an out-of-range timestep, so the
+mistake is visible in the output rather than a silent read of other memory.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from fastdense.ops import reference
+from fastdense import _ext, _triton
+from fastdense.ops import _dispatch, reference
+
+OP = "q_sample_multi"
+LAYOUTS = ("timestep", "sample")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SCHEDULE_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
+    """Raise TypeError/ValueError naming the bad argument; returns True if noise is shared."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'timestep' (row i·B + b) or 'sample' (row b·k + i), got {layout!r}")
+    for name, t in (("z0", z0), ("noise", noise), ("timesteps", timesteps), ("alphas_cumprod", alphas_cumprod)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if z0.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"z0 must be a floating tensor (float32/float16/bfloat16/float64), got {z0.dtype}")
+    if noise.dtype != z0.dtype:
+        raise TypeError(f"noise has dtype {noise.dtype} but z0 has {z0.dtype}; they must share one dtype")
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be an integer tensor (indices into alphas_cumprod), got {timesteps.dtype}")
+    if alphas_cumprod.dtype not in _SCHEDULE_DTYPES:
+        raise TypeError(f"alphas_cumprod must be float32 or float64, got {alphas_cumprod.dtype}")
+    if z0.dim() < 1:
+        raise ValueError("z0 must have shape (B, C, h, w), got a 0-d tensor")
+    if timesteps.dim() != 1:
+        raise ValueError(f"timesteps must have shape (k,), got {_shape(timesteps)}")
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.shape[0] < 1:
+        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {_shape(alphas_cumprod)}")
+    k = timesteps.shape[0]
+    per_step = (k, *z0.shape)
+    if tuple(noise.shape) == tuple(z0.shape):
+        shared = True
+    elif tuple(noise.shape) == per_step:
+        shared = False
+    else:
+        raise ValueError(f"noise must have the shape of z0 {_shape(z0)} (shared by the timesteps) or "
+                         f"(k={k}, *z0.shape) = {per_step} (one draw per timestep), got {_shape(noise)}")
+    if noise.device != z0.device:
+        raise ValueError(f"noise is on {noise.device} but z0 is on {z0.device}; they must be on one device")
+    if alphas_cumprod.device != z0.device:
+        raise ValueError(f"alphas_cumprod is on {alphas_cumprod.device} but z0 is on {z0.device}; "
+                         f"move the schedule to the latents' device once (alphas_cumprod.to(z0.device))")
+    if timesteps.device != z0.device and timesteps.device.type != "cpu":
+        raise ValueError(f"timesteps is on {timesteps.device} but z0 is on {z0.device}; "
+                         f"pass them on z0's device or on the CPU")
+    return shared
+
+
+def _check_range_on_host(timesteps: torch.Tensor, num_train: int) -> None:
+    """ValueError for indices outside [0, T); only called on CPU tensors (no sync)."""
+    values = timesteps.tolist()  # k is small: cheaper than min() and max() as tensor ops
+    bad = [t for t in values if t < 0 or t >= num_train]
+    if bad:
+        raise ValueError(f"timesteps must lie in [0, len(alphas_cumprod)) = [0, {num_train}), got {bad}")
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coefficients(timesteps, alphas_cumprod, dtype):
+    """(√ᾱ_t, √(1 − ᾱ_t)) per timestep in the op's math dtype; NaN for t outside [0, T)."""
+    num_train = alphas_cumprod.shape[0]
+    invalid = (timesteps < 0) | (timesteps >= num_train)
+    abar = alphas_cumprod[timesteps.clamp(0, num_train - 1)].to(_opmath(dtype)).masked_fill_(invalid, float("nan"))
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def _rows(t: torch.Tensor, sample_major: bool) -> torch.Tensor:
+    """(k, B, N) -> the output's (k·B, N) row order."""
+    k, batch, n = t.shape
+    if sample_major:
+        t = t.transpose(0, 1)
+    return t.reshape(k * batch, n)
+
+
+def _unrows(g: torch.Tensor, k: int, batch: int, sample_major: bool) -> torch.Tensor:
+    """(k·B, N) in the output's row order -> (k, B, N)."""
+    n = g.shape[1]
+    if sample_major:
+        return g.view(batch, k, n).transpose(0, 1)
+    return g.view(k, batch, n)
+
+
+def torch_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
+    c_signal, c_noise = coefficients(timesteps, alphas_cumprod, z0.dtype)
+    math = c_signal.dtype
+    # Two passes over the (k, B, N) result: the noise term, then z0's added in place.
+    z_t = (c_noise.view(-1, 1, 1) * noise.to(math)).addcmul_(c_signal.view(-1, 1, 1), z0.to(math))
+    return _rows(z_t, sample_major).to(z0.dtype)
+
+
+def torch_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs):
+    k = timesteps.shape[0]
+    c_signal, c_noise = coefficients(timesteps, alphas_cumprod, grad.dtype)
+    g = _unrows(grad, k, batch, sample_major).to(c_signal.dtype)  # (k, B, N)
+    empty = grad.new_empty(0)
+    d_z0 = (c_signal.view(-1, 1, 1) * g).sum(0).to(grad.dtype) if needs[0] else empty
+    d_noise = empty
+    if needs[1]:
+        d_noise = c_noise.view(-1, 1, 1) * g
+        d_noise = (d_noise.sum(0, keepdim=True) if shared_noise else d_noise).to(grad.dtype)
+    return d_z0, d_noise
+
+
+_dispatch.register(OP, "torch", forward=torch_forward, backward=torch_backward)
+
+
+# ----------------------------------------------------------------------------- cpp / cuda backends
+def _ext_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
+    return torch.ops.fastdense._q_sample_multi_fwd(z0, noise, timesteps, alphas_cumprod, sample_major)
+
+
+def _ext_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs):
+    return tuple(torch.ops.fastdense._q_sample_multi_bwd(grad, timesteps, alphas_cumprod, batch, sample_major,
+                                                         shared_noise, list(needs)))
+
+
+def _ext_machine_reasons(device_reasons, dispatch_key):
+    def reasons() -> list[str]:
+        return device_reasons() or (_ext.kernel_reasons("_q_sample_multi_fwd", dispatch_key)
+                                    + _ext.kernel_reasons("_q_sample_multi_bwd", dispatch_key))
+    return reasons
+
+
+def _cpp_input_reasons(z0, *rest) -> list[str]:
+    return [] if z0.device.type == "cpu" else [f"cpp runs CPU tensors, got {z0.device.type}"]
+
+
+def _cuda_input_reasons(z0, *rest) -> list[str]:
+    if z0.device.type != "cuda":
+        return [f"cuda runs CUDA tensors, got {z0.device.type}"]
+    if z0.dtype == torch.float64:
+        return ["cuda kernels support float32/float16/bfloat16, not float64"]
+    return []
+
+
+_dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
+                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   input_reasons=_cpp_input_reasons)
+_dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
+                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   input_reasons=_cuda_input_reasons)
+
+
+# ----------------------------------------------------------------------------- triton backend
+def _triton_input_reasons(z0, *rest) -> list[str]:
+    reasons = _triton.device_reasons(z0)
+    if z0.dtype == torch.float64:
+        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    return reasons
+
+
+def _triton_forward(*args):
+    from fastdense.kernels import q_sample as kernels
+
+    return kernels.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastdense.kernels import q_sample as kernels
+
+    return kernels.backward(*args)
+
+
+_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
+                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
+
+
+# ----------------------------------------------------------------------------- the operator
+def _to_device(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Validate host timesteps (free) and move them to the latents' device."""
+    if timesteps.device.type == "cpu":
+        _check_range_on_host(timesteps, alphas_cumprod.shape[0])
+        if device.type != "cpu":
+            # Pageable host -> device copies are staged, never a device sync.
+            timesteps = timesteps.to(device, non_blocking=True)
+    return timesteps
+
+
+def _run_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
+    timesteps = _to_device(timesteps, alphas_cumprod, z0.device)
+    args = (z0, noise, timesteps, alphas_cumprod, sample_major)
+    return _dispatch.select(OP, z0.device.type, *args).forward(*args)
+
+
+@torch.library.custom_op("fastdense::q_sample_multi", mutates_args=())
+def _q_sample_multi_op(
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    sample_major: bool,
+) -> torch.Tensor:
+    return _run_forward(z0, noise, timesteps, alphas_cumprod, sample_major)
+
+
+@_q_sample_multi_op.register_fake
+def _(z0, noise, timesteps, alphas_cumprod, sample_major):
+    return z0.new_empty((timesteps.shape[0] * z0.shape[0], z0.shape[1]))
+
+
+@torch.library.custom_op("fastdense::q_sample_multi_backward", mutates_args=())
+def _q_sample_multi_backward_op(
+    grad: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    batch: int,
+    sample_major: bool,
+    shared_noise: bool,
+    needs: list[bool],
+    forced: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    timesteps = _to_device(timesteps, alphas_cumprod, grad.device)
+    # `forced` is the backend forced when the forward ran: autograd may run
+    # this on another thread (CUDA), which does not see the forward's context.
+    # Backends choose by the device and dtype of their first argument, which
+    # grad shares with z0.
+    with _dispatch.backend(forced or None):
+        impl = _dispatch.select(OP, grad.device.type, grad, grad, timesteps, alphas_cumprod, sample_major)
+    d_z0, d_noise = impl.backward(grad.contiguous(), timesteps, alphas_cumprod, batch, sample_major, shared_noise,
+                                  list(needs))
+    return d_z0 if needs[0] else grad.new_empty(0), d_noise if needs[1] else grad.new_empty(0)
+
+
+@_q_sample_multi_backward_op.register_fake
+def _(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs, forced):
+    n = grad.shape[1]
+    d_z0 = grad.new_empty((batch, n)) if needs[0] else grad.new_empty(0)
+    steps = 1 if shared_noise else timesteps.shape[0]
+    d_noise = grad.new_empty((steps, batch, n)) if needs[1] else grad.new_empty(0)
+    return d_z0, d_noise
+
+
+def _setup_context(ctx, inputs, output):
+    z0, noise, timesteps, alphas_cumprod, sample_major = inputs
+    # Backward reads only the coefficients; z0 and noise are not saved.
+    ctx.save_for_backward(timesteps, alphas_cumprod)
+    ctx.batch = z0.shape[0]
+    ctx.shared_noise = noise.shape[0] == 1
+    ctx.sample_major = sample_major
+    ctx.forced = _dispatch.forced_backend() or ""
+
+
+def _backward(ctx, grad):
+    timesteps, alphas_cumprod = ctx.saved_tensors
+    nig = ctx.needs_input_grad
+    needs = [bool(nig[0]), bool(nig[1])]
+    if not any(needs):
+        return None, None, None, None, None
+    d_z0, d_noise = torch.ops.fastdense.q_sample_multi_backward(
+        grad, timesteps, alphas_cumprod, ctx.batch, ctx.sample_major, ctx.shared_noise, needs, ctx.forced)
+    return (d_z0 if needs[0] else None, d_noise if needs[1] else None, None, None, None)
+
+
+_q_sample_multi_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _eager_fast_path(z0: torch.Tensor, noise: torch.Tensor) -> bool:
+    """True for a plain eager call that neither autograd nor any tracer sees.
+
+    The torch.library wrapper costs ~45 µs of Python per call (measured on
+    this CPU), more than the kernel itself at Stable Diffusion latent sizes,
+    and feature extraction from a frozen U-Net needs no gradient. Such calls run
+    the backend the operator would pick, directly; anything that needs the
+    operator -- torch.compile, fake tensors, dispatch or torch-function modes,
+    functorch transforms, inputs requiring grad -- goes through it.
+    """
+    if torch.compiler.is_compiling() or type(z0) is not torch.Tensor or type(noise) is not torch.Tensor:
+        return False
+    if torch.is_grad_enabled() and (z0.requires_grad or noise.requires_grad):
+        return False
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.maybe_current_level() is None)
 
 
 def q_sample_multi(
     z0: torch.Tensor,
     noise: torch.Tensor,
-    timesteps: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
     alphas_cumprod: torch.Tensor,
     layout: str = "timestep",
 ) -> torch.Tensor:
-    """k noised copies of z0 (B, C, h, w) as one (k·B, C, h, w) batch; see
-    ``reference.q_sample_multi`` for the layouts."""
-    return reference.q_sample_multi(z0, noise, timesteps, alphas_cumprod, layout)
+    """k noised copies z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε of z0 (B, C, h, w) as one (k·B, C, h, w) batch.
+
+    ``noise`` is (B, C, h, w), one ε shared by the timesteps, or (k, B, C, h, w),
+    one draw per timestep. ``timesteps`` (k,) are integer indices into
+    ``alphas_cumprod`` (T_train,) (a scheduler's ``alphas_cumprod``, moved to
+    z0's device), given on z0's device, on the CPU, or as a list of ints.
+    ``layout="timestep"``: row i·B + b is timestep i of sample b (matches the
+    U-Net timestep tensor ``timesteps.repeat_interleave(B)``); ``"sample"``:
+    row b·k + i (matches ``timesteps.repeat(B)``). Gradients flow to z0 and
+    noise. See the module docstring for out-of-range timesteps and
+    ``reference.q_sample_multi`` for the plain definition.
+    """
+    if isinstance(timesteps, (list, tuple)):
+        timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    shared = check_args(z0, noise, timesteps, alphas_cumprod, layout)
+    batch = z0.shape[0]
+    rest = z0.shape[1:]
+    n = 1
+    for s in rest:
+        n *= s
+    z0_2d = z0.reshape(batch, n).contiguous()
+    noise_3d = noise.reshape(1 if shared else timesteps.shape[0], batch, n).contiguous()
+    args = (z0_2d, noise_3d, timesteps.to(torch.int64), alphas_cumprod.detach().contiguous(), layout == "sample")
+    out = _run_forward(*args) if _eager_fast_path(z0, noise) else torch.ops.fastdense.q_sample_multi(*args)
+    return out.view(timesteps.shape[0] * batch, *rest)
+
+
+reference_q_sample_multi = reference.q_sample_multi
