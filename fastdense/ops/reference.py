@@ -99,9 +99,11 @@ def q_sample_multi(
     timestep i of sample b ("timestep", the order a per-sample timestep tensor
     ``timesteps.repeat_interleave(B)`` matches) or row b·k + i ("sample").
     """
-    abar = alphas_cumprod[timesteps.long()].to(z0.dtype)  # (k,)
-    coef_signal = abar.sqrt().view(-1, 1, 1, 1, 1)
-    coef_noise = (1 - abar).sqrt().view(-1, 1, 1, 1, 1)
+    # The coefficients in the schedule's precision: in bf16, ᾱ_1 = 0.99915 would
+    # round to 1 and the t = 1 copy would get no noise at all.
+    abar = alphas_cumprod[timesteps.long()]  # (k,)
+    coef_signal = abar.sqrt().to(z0.dtype).view(-1, 1, 1, 1, 1)
+    coef_noise = (1 - abar).sqrt().to(z0.dtype).view(-1, 1, 1, 1, 1)
     eps = noise if noise.dim() == z0.dim() + 1 else noise.unsqueeze(0)
     z_t = coef_signal * z0.unsqueeze(0) + coef_noise * eps  # (k, B, C, h, w)
     if layout == "sample":
