@@ -2,10 +2,12 @@
 from fastdense.nn.inject import inject_lora, lora_parameters, mark_only_lora_trainable
 from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
 from fastdense.nn.timestep_consolidation import TimestepFeatureConsolidation
+from fastdense.nn.timestep_selection import TaskAwareTimestepSelector
 
 __all__ = [
     "LoRALinear",
     "MultiTaskLoRALinear",
+    "TaskAwareTimestepSelector",
     "TimestepFeatureConsolidation",
     "inject_lora",
     "lora_parameters",
