@@ -222,3 +222,46 @@ def test_torch_compile_fullgraph():
     got = torch.compile(m, fullgraph=True, backend="eager")(label, feats)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def plain_tfc(module: TimestepFeatureConsolidation, label: torch.Tensor, feats: torch.Tensor):
+    """Vectorised Eq. 3 with an explicit exp / sum softmax, in the inputs' dtype."""
+    wq, bq = _effective(module.q_proj)
+    wk, bk = _effective(module.k_proj)
+    wv, bv = _effective(module.v_proj)
+    b, k, n, d = feats.shape
+    h, dh = module.heads, module.head_dim
+    q = F.linear(label, wq, bq).view(b, 1, n, h, dh)
+    key = F.linear(feats, wk, bk).view(b, k, n, h, dh)
+    val = F.linear(feats, wv, bv).view(b, k, n, h, dh)
+    s = (q * key).sum(-1) / math.sqrt(dh)                       # (b, k, n, h)
+    e = torch.exp(s - s.amax(dim=1, keepdim=True))
+    a = e / e.sum(dim=1, keepdim=True)
+    out = (a.unsqueeze(-1) * val).sum(1).reshape(b, n, d)
+    return out, a.permute(0, 3, 2, 1)
+
+
+def test_plain_vectorised_reference_matches_loop_reference():
+    m, label, feats = _make(dim=12, heads=3, k=4, b=2, n=5)
+    m.eval()
+    for got, want in zip(plain_tfc(m, label, feats), reference_tfc(m, label, feats)):
+        torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine: pytest -m gpu)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_error_within_twice_the_reference_error(dtype):
+    """flash-attn's rule: error vs an fp32 reference ≤ 2× that of the reference run in ``dtype``."""
+    m, label, feats = _make(dim=64, heads=4, k=4, b=2, n=256, dtype=torch.float32)
+    m = m.cuda().eval()
+    label, feats = label.cuda(), feats.cuda()
+    want_key, want_att = plain_tfc(m, label, feats)
+    low = TimestepFeatureConsolidation(64, 4, lora_r=2, lora_alpha=4, lora_dropout=0.2).cuda().to(dtype).eval()
+    low.load_state_dict(m.state_dict())
+    got_key, got_att = low(label.to(dtype), feats.to(dtype))
+    ref_key, ref_att = plain_tfc(low, label.to(dtype), feats.to(dtype))
+    for got, ref, want in ((got_key, ref_key, want_key), (got_att, ref_att, want_att)):
+        err = (got.float() - want).abs().max().item()
+        ref_err = (ref.float() - want).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5, (err, ref_err)
