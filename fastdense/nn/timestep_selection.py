@@ -119,6 +119,8 @@ def _to_float(value, what: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must return a scalar Tensor or a number, got {type(value).__name__}")
+    if value != value:  # NaN would make every comparison of Alg. 1 false, silently
+        raise ValueError(f"{what} returned NaN")
     return float(value)
 
 
@@ -324,7 +326,7 @@ class TaskAwareTimestepSelector:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"batched_loss_fn must return a Tensor of shape ({len(subsets)},), one loss per "
                              f"subset, got {shape}")
-        return [float(v) for v in losses.detach().cpu().tolist()]
+        return [_to_float(v, "batched_loss_fn") for v in losses.detach().cpu().tolist()]
 
     # ------------------------------------------------------------------ sampling
     def _draw(self, excluded: set[int]) -> int | None:

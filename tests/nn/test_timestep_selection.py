@@ -424,6 +424,10 @@ def test_bad_source_and_loss_outputs():
         sel.step(src, lambda f, ts: torch.zeros(2))
     with pytest.raises(ValueError, match=r"shape \(4,\), one loss per subset"):
         sel.step(src, loss, batched_loss_fn=lambda f, s: torch.zeros(3))
+    with pytest.raises(ValueError, match="loss_fn returned NaN"):
+        sel.step(src, lambda f, ts: torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="batched_loss_fn returned NaN"):
+        sel.step(src, loss, batched_loss_fn=lambda f, s: torch.tensor([0.0, float("nan"), 0.0, 0.0]))
     with pytest.raises(ValueError, match="select needs a non-negative int n_iter"):
         TaskAwareTimestepSelector(n_iter=None).select(src, loss)
     assert sel.history == [] and sel.timesteps == [1, 100, 200, 300]
