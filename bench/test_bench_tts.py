@@ -31,12 +31,14 @@ Setup (random weights; timings only):
   head; ``*-all-rejected`` makes every candidate lose the loss test, so all
   ``MAX_CANDIDATES`` draws are evaluated (the most a round costs).
 
-``extra_info``: ``train_step_ms`` (median of the step, timed in the same test),
-``round_over_step_pct`` (the goal: ≤ 10 on GPU), candidates drawn and
+``extra_info``: ``train_step_ms`` (median of a training step run, on a copy
+of the head, before each timed round), ``round_over_step_pct`` (the median of
+the paired round / step ratios; the goal: ≤ 10 on GPU), candidates drawn and
 candidate losses evaluated in the round.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -180,18 +182,14 @@ def _train_step_fn(source, head, labels):
     return step
 
 
-def _median_ms(fn, device, rounds: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+def _time_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def _case(device):
@@ -232,7 +230,8 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
         pytest.skip(f"case for {target}; this run is on {device.type}")
     cfg, dtype = _case(device)
     source, head, labels = _setup(device, dtype, cfg)
-    train_ms = _median_ms(_train_step_fn(source, head, labels), device, rounds=3, warmup=1)
+    # The training step trains a copy, so every round sees the same head and draws the same way.
+    train_step = _train_step_fn(source, copy.deepcopy(head), labels)
     head.eval()
     loss_fn, batched_loss_fn = _loss_fns(head, labels)
     if case.endswith("all-rejected"):
@@ -240,13 +239,23 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
 
         def loss_fn(feats, timesteps):
             return head_loss(feats, timesteps) + (0.0 if tuple(timesteps) == INITIAL else 1e6)
-    records = []
+    records, round_ms, step_ms = [], [], []
 
     def tts_round():
+        t0 = time.perf_counter()
         sel = TaskAwareTimestepSelector(k=K, initial=INITIAL, max_candidates=MAX_CANDIDATES, seed=0)
         records.append(sel.step(source, loss_fn, batched_loss_fn=batched_loss_fn))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        round_ms.append(1e3 * (time.perf_counter() - t0))
 
-    reset = (lambda: source.keep_only(INITIAL)) if case.startswith("uncached") else None
+    def reset():
+        # A training step before every round (untimed by measure, timed here): on a
+        # shared machine whose load drifts, paired step/round times give a steadier ratio.
+        if case.startswith("uncached"):
+            source.keep_only(INITIAL)
+        step_ms.append(_time_ms(train_step, device))
+
     median_ms = measure(benchmark, tts_round, device=device, dtype=dtype, reset=reset,
                         info={**_info(cfg, dtype), "case": f"tts-round-{case}"})
     rec = records[-1]
@@ -257,9 +266,13 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
         assert rec.unet_calls == len(rec.candidates)
     if case.endswith("all-rejected"):
         assert len(rec.candidates) == MAX_CANDIDATES and rec.added is None
+    n = benchmark.extra_info.get("rounds", 1)
+    pairs = list(zip(round_ms, step_ms))[-n:]
     benchmark.extra_info.update({
-        "train_step_ms": train_ms,
-        "round_over_step_pct": None if median_ms is None else 100 * median_ms / train_ms,
+        "train_step_ms": statistics.median(s for _, s in pairs),
+        "round_wall_ms": statistics.median(r for r, _ in pairs),
+        # median over rounds of (round time / the training step timed just before it)
+        "round_over_step_pct": None if median_ms is None else 100 * statistics.median(r / s for r, s in pairs),
         "candidates_drawn": len(rec.candidates),
         "candidate_losses": sum(c.loss is not None for c in rec.candidates),
         "unet_calls_in_round": rec.unet_calls,
