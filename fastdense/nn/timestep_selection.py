@@ -11,8 +11,10 @@ few-shot head. One selection *round* (one run of Alg. 1) is
 
        t_r = argmin_t L_t                                                   (2)
 
-   (the paper's text and Alg. 1 say "largest"; reference.md's Decision follows
-   Eq. 2: the lowest leave-one-out loss marks the least useful timestep.)
+   (Alg. 1 line 6 says "largest timestep-wise loss" while Eq. 2 says argmin;
+   fastdense follows Eq. 2, as reference.md's Decision records: the lowest
+   leave-one-out loss marks the timestep the set misses least. Ties go to the
+   smallest t.)
 3. **Search** (Alg. 1 lines 7-21). Up to ``max_candidates`` (the paper's
    N_iter) candidates t_new are drawn uniformly from the integers
    ``t_min ≤ t < t_max`` that are neither in T nor already tried this round.
