@@ -1,0 +1,279 @@
+"""Task-aware Timestep Selection: the cost of one selection round next to a training step.
+
+The issue's goal: with the per-timestep feature cache, a TTS round (Alg. 1)
+costs at most 10% of a training step on GPU. A round with every timestep it
+touches already cached runs only the head: the current set once, the k
+leave-one-out sets in one batched call, and each candidate that passes the
+similarity test once (on the k − 1 kept features plus the candidate's).
+
+Setup (random weights; timings only):
+
+* U-Net: a diffusers ``UNet2DConditionModel``, frozen, fed the noised latents
+  of all k timesteps as one batch with a per-sample timestep tensor and a
+  broadcast empty-prompt-like conditioning; the features are the outputs of
+  the last two up blocks (captured with forward hooks — the library's
+  extractor lives in ``fastdense.diffusion``; this suite only needs the
+  feature-source contract). CPU: a tiny U-Net (widths 32/64, 16×16 latents,
+  B = 2); GPU: SD 1.x widths (320/640/1280/1280) at 64×64 latents, B = 8, bf16.
+* Head: per layer a 1×1 projection to ``dim`` channels, resized to the last
+  layer's grid, summed over layers; :class:`TimestepFeatureConsolidation`
+  with label-map features as queries; a linear decoder to the label; MSE.
+* Training step: U-Net forward on the current k timesteps (no grad: the
+  backbone is frozen — the paper's U-Net LoRA would add a backward pass, which
+  only makes the step longer and the ratio smaller), head forward, backward
+  and an AdamW step.
+* TTS round: a fresh selector with a fixed seed each call, so every call draws
+  the same candidates. Cases: ``cached-*`` fill the cache in the warm-up calls
+  and check afterwards that the timed rounds ran no U-Net pass;
+  ``uncached-*`` empty the cache of everything but the current set before
+  every call, so each candidate costs a U-Net pass (what the cache saves).
+  ``*-first-accept`` is the round the seeded search runs with this random
+  head; ``*-all-rejected`` makes every candidate lose the loss test, so all
+  ``MAX_CANDIDATES`` draws are evaluated (the most a round costs).
+
+``extra_info``: ``train_step_ms`` (median of a training step run, on a copy
+of the head, before each timed round), ``round_over_step_pct`` (the median of
+the paired round / step ratios; the goal: ≤ 10 on GPU), candidates drawn and
+candidate losses evaluated in the round.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastdense.nn import TaskAwareTimestepSelector, TimestepFeatureConsolidation
+from fastdense.ops.reference import q_sample_multi
+
+diffusers = pytest.importorskip("diffusers")
+
+ON_GPU = torch.cuda.is_available()
+K = 4
+INITIAL = (1, 100, 200, 300)
+MAX_CANDIDATES = 8
+GOAL_PCT = 10.0
+
+CPU_CONFIG = dict(widths=(32, 64), layers_per_block=1, latent=16, batch=2, heads=8, cross_dim=32, dim=32)
+GPU_CONFIG = dict(widths=(320, 640, 1280, 1280), layers_per_block=2, latent=64, batch=8, heads=8, cross_dim=768,
+                  dim=128)
+
+
+def make_unet(cfg, device, dtype):
+    widths = cfg["widths"]
+    down = ["CrossAttnDownBlock2D"] * (len(widths) - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(widths) - 1)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=cfg["latent"], in_channels=4, out_channels=4, block_out_channels=widths,
+        down_block_types=tuple(down), up_block_types=tuple(up), layers_per_block=cfg["layers_per_block"],
+        cross_attention_dim=cfg["cross_dim"], attention_head_dim=cfg["heads"], norm_num_groups=32)
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class CachedUNetFeatures:
+    """The feature-source contract on a real U-Net: ``source(ts) -> {layer: (B, k', C, h, w)}``,
+    one U-Net pass for all uncached timesteps of a call, ``unet_calls`` counted."""
+
+    def __init__(self, unet, latents, cond, layers=(-2, -1)):
+        self.unet, self.latents, self.cond = unet, latents, cond
+        self.noise = torch.randn_like(latents)
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's schedule
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).to(latents.device)
+        self.blocks = [unet.up_blocks[i] for i in layers]
+        self.names = [f"up_blocks.{len(unet.up_blocks) + i if i < 0 else i}" for i in layers]
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.unet_calls = 0
+
+    @torch.no_grad()
+    def extract(self, timesteps) -> dict[str, torch.Tensor]:
+        """One U-Net pass for ``timesteps``, no cache: {layer: (B, k, C, h, w)}."""
+        b, k = self.latents.shape[0], len(timesteps)
+        ts = torch.tensor(list(timesteps), device=self.latents.device)
+        z_t = q_sample_multi(self.latents, self.noise, ts, self.alphas_cumprod)          # (k·B, ...), timestep-major
+        captured = []
+        hooks = [blk.register_forward_hook(lambda m, i, o: captured.append(o)) for blk in self.blocks]
+        try:
+            self.unet(z_t, ts.repeat_interleave(b), self.cond.expand(k * b, -1, -1))
+        finally:
+            for h in hooks:
+                h.remove()
+        self.unet_calls += 1
+        return {n: f.view(k, b, *f.shape[1:]).transpose(0, 1) for n, f in zip(self.names, captured)}
+
+    def __call__(self, timesteps):
+        missing = [t for t in dict.fromkeys(timesteps) if t not in self.cache]
+        if missing:
+            feats = self.extract(missing)
+            for i, t in enumerate(missing):
+                self.cache[t] = {n: f[:, i] for n, f in feats.items()}
+        return {n: torch.stack([self.cache[t][n] for t in timesteps], dim=1) for n in self.names}
+
+    def keep_only(self, timesteps) -> None:
+        self.cache = {t: v for t, v in self.cache.items() if t in set(timesteps)}
+
+
+class TinyHead(nn.Module):
+    """Projection + TFC (Eq. 3) + decoder, with a per-sample loss for batched leave-one-out."""
+
+    def __init__(self, channels: dict[str, int], dim: int, heads: int, label_channels: int = 3):
+        super().__init__()
+        self.proj = nn.ModuleDict({n.replace(".", "_"): nn.Conv2d(c, dim, 1) for n, c in channels.items()})
+        self.label_enc = nn.Conv2d(label_channels, dim, 3, padding=1)
+        self.tfc = TimestepFeatureConsolidation(dim, heads, lora_dropout=0.0)
+        self.dec = nn.Linear(dim, label_channels)
+
+    def per_sample_loss(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        names = list(feats)
+        last = feats[names[-1]]
+        n, k, _, h, w = last.shape
+        x = 0
+        for name in names:
+            f = feats[name]
+            f = self.proj[name.replace(".", "_")](f.flatten(0, 1))
+            if f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            x = x + f
+        x = x.view(n, k, -1, h, w)
+        lab = F.interpolate(labels, size=(h, w), mode="bilinear", align_corners=False)
+        key, _ = self.tfc(self.label_enc(lab), x)                      # (n, h·w, dim)
+        pred = self.dec(key)
+        return (pred - lab.flatten(2).transpose(1, 2)).square().mean(dim=(1, 2))
+
+
+def _setup(device, dtype, cfg):
+    unet = make_unet(cfg, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    latents = torch.randn(cfg["batch"], 4, cfg["latent"], cfg["latent"], generator=g).to(device, dtype)
+    cond = torch.randn(1, 77, cfg["cross_dim"], generator=g).to(device, dtype)
+    labels = torch.rand(cfg["batch"], 3, 8 * cfg["latent"], 8 * cfg["latent"], generator=g).to(device, dtype)
+    source = CachedUNetFeatures(unet, latents, cond)
+    feats = source(list(INITIAL))
+    head = TinyHead({n: f.shape[2] for n, f in feats.items()}, cfg["dim"], 4).to(device, dtype)
+    return source, head, labels
+
+
+def _loss_fns(head, labels):
+    def loss_fn(feats, timesteps):
+        return head.per_sample_loss(feats, labels).mean()
+
+    def batched_loss_fn(stacked, subsets):
+        s = len(subsets)
+        per = head.per_sample_loss(stacked, labels.repeat(s, 1, 1, 1))
+        return per.view(s, -1).mean(1)
+
+    return loss_fn, batched_loss_fn
+
+
+def _train_step_fn(source, head, labels):
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        feats = source.extract(list(INITIAL))
+        head.train()
+        loss = head.per_sample_loss(feats, labels).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _time_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def _case(device):
+    if device.type == "cuda":
+        return GPU_CONFIG, torch.bfloat16
+    return CPU_CONFIG, torch.float32
+
+
+def _info(cfg, dtype):
+    return {"suite": "tts", "k": K, "batch": cfg["batch"], "latent": cfg["latent"], "widths": list(cfg["widths"]),
+            "max_candidates": MAX_CANDIDATES, "goal_pct": GOAL_PCT}
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]),
+])
+def test_bench_tts_train_step(benchmark, measure, device, target):
+    if device.type != target:
+        pytest.skip(f"case for {target}; this run is on {device.type}")
+    cfg, dtype = _case(device)
+    source, head, labels = _setup(device, dtype, cfg)
+    measure(benchmark, _train_step_fn(source, head, labels), device=device, dtype=dtype,
+            info={**_info(cfg, dtype), "case": "train-step"})
+
+
+@pytest.mark.parametrize("case", ["cached-first-accept", "cached-all-rejected", "uncached-all-rejected"])
+@pytest.mark.parametrize("target", [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]),
+])
+def test_bench_tts_round(benchmark, measure, device, target, case):
+    """``first-accept``: the round as the seeded search runs it with this random
+    head; ``all-rejected``: every candidate's loss is made to lose (a constant
+    added after the head ran), so all MAX_CANDIDATES candidates that pass the
+    similarity test cost a head evaluation — the most a round can cost."""
+    if device.type != target:
+        pytest.skip(f"case for {target}; this run is on {device.type}")
+    cfg, dtype = _case(device)
+    source, head, labels = _setup(device, dtype, cfg)
+    # The training step trains a copy, so every round sees the same head and draws the same way.
+    train_step = _train_step_fn(source, copy.deepcopy(head), labels)
+    head.eval()
+    loss_fn, batched_loss_fn = _loss_fns(head, labels)
+    if case.endswith("all-rejected"):
+        head_loss = loss_fn
+
+        def loss_fn(feats, timesteps):
+            return head_loss(feats, timesteps) + (0.0 if tuple(timesteps) == INITIAL else 1e6)
+    records, round_ms, step_ms = [], [], []
+
+    def tts_round():
+        t0 = time.perf_counter()
+        sel = TaskAwareTimestepSelector(k=K, initial=INITIAL, max_candidates=MAX_CANDIDATES, seed=0)
+        records.append(sel.step(source, loss_fn, batched_loss_fn=batched_loss_fn))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        round_ms.append(1e3 * (time.perf_counter() - t0))
+
+    def reset():
+        # A training step before every round (untimed by measure, timed here): on a
+        # shared machine whose load drifts, paired step/round times give a steadier ratio.
+        if case.startswith("uncached"):
+            source.keep_only(INITIAL)
+        step_ms.append(_time_ms(train_step, device))
+
+    median_ms = measure(benchmark, tts_round, device=device, dtype=dtype, reset=reset,
+                        info={**_info(cfg, dtype), "case": f"tts-round-{case}"})
+    rec = records[-1]
+    if case.startswith("cached"):
+        # the timed rounds found every timestep in the cache
+        assert all(r.unet_calls == 0 for r in records[3:]), [r.unet_calls for r in records]
+    else:
+        assert rec.unet_calls == len(rec.candidates)
+    if case.endswith("all-rejected"):
+        assert len(rec.candidates) == MAX_CANDIDATES and rec.added is None
+    n = benchmark.extra_info.get("rounds", 1)
+    pairs = list(zip(round_ms, step_ms))[-n:]
+    benchmark.extra_info.update({
+        "train_step_ms": statistics.median(s for _, s in pairs),
+        "round_wall_ms": statistics.median(r for r, _ in pairs),
+        # median over rounds of (round time / the training step timed just before it)
+        "round_over_step_pct": None if median_ms is None else 100 * statistics.median(r / s for r, s in pairs),
+        "candidates_drawn": len(rec.candidates),
+        "candidate_losses": sum(c.loss is not None for c in rec.candidates),
+        "unet_calls_in_round": rec.unet_calls,
+    })
