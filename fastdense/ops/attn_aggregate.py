@@ -113,6 +113,39 @@ def _cpp_machine_reasons() -> list[str]:
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
                    machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
 
+# Head dims and concept counts the Triton kernels hold in one tile (padded to
+# powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.
+TRITON_MAX_D = 256
+TRITON_MAX_N = 256
+
+
+def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
+    reasons = _triton.device_reasons(q)
+    if q.dtype == torch.float64:
+        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    if q.shape[-1] > TRITON_MAX_D:
+        reasons.append(f"triton supports head dims d <= {TRITON_MAX_D}, got {q.shape[-1]}")
+    if m_ca.shape[-1] > TRITON_MAX_N:
+        reasons.append(f"triton supports N <= {TRITON_MAX_N} concept tokens, got {m_ca.shape[-1]}")
+    return reasons
+
+
+def _triton_forward(*args):
+    from fastdense.kernels import attn_aggregate as kernels
+
+    return kernels.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastdense.kernels import attn_aggregate as kernels
+
+    return kernels.backward(*args)
+
+
+_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
+                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
+
+
 # ----------------------------------------------------------------------------- the operator
 def _out_shape(q, m_ca, head_reduce):
     b, h, length, _ = q.shape

@@ -75,6 +75,15 @@ def close(actual, expected, what, tol):
     torch.testing.assert_close(actual, expected.to(actual.dtype), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def _interpreted(backend: str) -> bool:
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+# The Triton interpreter runs every tile op in numpy: on CPU it gets the cases
+# whose grid is small; the GPU runs all of them.
+INTERPRETER_CASES = {str(CASES[0]), str(CASES[3]), str(CASES[4])}
+
+
 def _out_shape(case):
     return ((case.b, case.h, case.length, case.n) if case.head_reduce == "none"
             else (case.b, case.length, case.n))
@@ -83,6 +92,8 @@ def _out_shape(case):
 @pytest.mark.parametrize("backend", backend_params(OP))
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference_fp32(backend, case):
+    if _interpreted(backend) and str(case) not in INTERPRETER_CASES:
+        pytest.skip("too large for the Triton interpreter; runs on the GPU")
     device = device_for(backend)
     inputs = make_inputs(case, device=device)
     ref_inputs = {n: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for n, v in inputs.items()}
@@ -105,7 +116,7 @@ def test_matches_reference_fp32(backend, case):
 @pytest.mark.parametrize("backend", backend_params(OP))
 def test_given_lse_equals_computed_lse(backend):
     """SDPA's log-sum-exp passed in gives what the op's own first pass gives, forward and backward."""
-    case = Case(2, 4, 37, 40, 9, head_reduce="sum")
+    case = Case(2, 2, 37, 40, 9, head_reduce="sum")
     device = device_for(backend)
     inputs = make_inputs(case, device=device, seed=3)
     grad_out = torch.randn(_out_shape(case), device=device)
@@ -122,6 +133,8 @@ def test_given_lse_equals_computed_lse(backend):
 @pytest.mark.parametrize("head_reduce", ["mean", "sum", "none"])
 def test_head_reduce_modes_relate(backend, head_reduce):
     """mean = sum / H = the per-head maps averaged, with H = 8 and a per-head m_ca."""
+    if _interpreted(backend) and head_reduce != "sum":
+        pytest.skip("the Triton interpreter checks one mode (all run on the GPU)")
     case = Case(1, 8, 19, 64, 6, per_head=True, head_reduce=head_reduce)
     device = device_for(backend)
     inputs = make_inputs(case, device=device, seed=5)
@@ -168,6 +181,8 @@ def test_gradcheck_float64(backend):
 @pytest.mark.parametrize("backend", backend_params(OP))
 @pytest.mark.parametrize("with_lse", [False, True], ids=["lse-computed", "lse-given"])
 def test_opcheck(backend, with_lse):
+    if _interpreted(backend) and with_lse:
+        pytest.skip("the Triton interpreter checks one variant (both run on the GPU)")
     device = device_for(backend)
     case = Case(1, 2, 9, 8, 3)
     i = make_inputs(case, device=device)
