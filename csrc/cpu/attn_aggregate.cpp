@@ -115,13 +115,14 @@ std::tuple<Tensor, Tensor> attn_aggregate_fwd_cpu(const Tensor& q_in, const Tens
                                                   c10::string_view head_reduce_sv) {
   const Dims s = check_inputs(q_in, k_in, m_in);
   const Reduce reduce = parse_reduce(std::string(head_reduce_sv));
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), m_ca = m_in.contiguous();
+  // Detached: the op is differentiated as a whole (fastdense/ops/attn_aggregate.py).
+  const Tensor q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), m_ca = m_in.detach().contiguous();
   const auto opts = q.options();
   const bool have_lse = lse_in.has_value();
   Tensor lse;
   if (have_lse) {
     check_lse(*lse_in, s, q.scalar_type());
-    lse = lse_in->to(q.scalar_type()).contiguous();
+    lse = lse_in->detach().to(q.scalar_type()).contiguous();
   } else {
     lse = at::empty({s.B, s.H, s.L}, opts);
   }
@@ -134,6 +135,9 @@ std::tuple<Tensor, Tensor> attn_aggregate_fwd_cpu(const Tensor& q_in, const Tens
   std::mutex flush;
 
   at::parallel_for(0, s.B * s.H * splits, 1, [&](int64_t t0, int64_t t1) {
+    // The caller's dispatch state (autograd already handled) is thread-local
+    // and does not reach the pool's threads: skip autograd for the tile ops.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor scores = at::empty({tile, s.L}, opts);
     Tensor acc;  // this task's share of a map other tasks also add into
     for (int64_t t = t0; t < t1; ++t) {
@@ -195,9 +199,9 @@ std::tuple<Tensor, Tensor, Tensor> attn_aggregate_bwd_cpu(const Tensor& grad_in,
                               grad_in.size(2) == s.N);
   TORCH_CHECK(grad_ok, "fastdense attn_mask_aggregate (cpp): grad must have the output's shape, got ",
               grad_in.sizes());
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), m_ca = m_in.contiguous();
-  const Tensor grad = grad_in.to(q.scalar_type()).contiguous();
-  const Tensor lse = lse_in.to(q.scalar_type()).contiguous();
+  const Tensor q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), m_ca = m_in.detach().contiguous();
+  const Tensor grad = grad_in.detach().to(q.scalar_type()).contiguous();
+  const Tensor lse = lse_in.detach().to(q.scalar_type()).contiguous();
   const auto opts = q.options();
   const Tensor empty = at::empty({0}, opts);
   Tensor dq = need_q ? at::empty_like(q) : empty;
@@ -213,6 +217,9 @@ std::tuple<Tensor, Tensor, Tensor> attn_aggregate_bwd_cpu(const Tensor& grad_in,
   std::mutex flush;
 
   at::parallel_for(0, s.B * s.H * splits, 1, [&](int64_t t0, int64_t t1) {
+    // The caller's dispatch state (autograd already handled) is thread-local
+    // and does not reach the pool's threads: skip autograd for the tile ops.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor probs = at::empty({tile, s.L}, opts);
     Tensor dscores = need_ds ? at::empty({tile, s.L}, opts) : Tensor();
     Tensor dm_tile = at::empty({tile, s.N}, opts);
