@@ -161,16 +161,18 @@ std::tuple<Tensor, Tensor> attn_aggregate_fwd_cpu(const Tensor& q_in, const Tens
         Tensor sc = scores.narrow(0, 0, rows);
         at::addmm_out(sc, sc, qh.narrow(0, i0, rows), kt, /*beta=*/0.0, /*alpha=*/scale);
         Tensor lse_i = lse_bh.narrow(0, i0, rows);
+        Tensor m_i = mh.narrow(0, i0, rows);
         if (have_lse) {
           sc.sub_(lse_i.unsqueeze(1)).exp_();
         } else {
-          const Tensor row_max = std::get<0>(sc.max(1, /*keepdim=*/true));
+          const Tensor row_max = sc.amax(1, /*keepdim=*/true);
           sc.sub_(row_max).exp_();
           const Tensor row_sum = sc.sum(1, /*keepdim=*/true);
-          sc.div_(row_sum);
           lse_i.copy_((row_max + row_sum.log()).squeeze(1));
+          // P^T m = exp(S - max)^T (m / rowsum): the normalisation costs T x N, not T x L.
+          m_i = m_i / row_sum;
         }
-        at::addmm_out(target, target, sc.t(), mh.narrow(0, i0, rows), /*beta=*/1.0, /*alpha=*/alpha);
+        at::addmm_out(target, target, sc.t(), m_i, /*beta=*/1.0, /*alpha=*/alpha);
       }
       if (!direct) {
         std::lock_guard<std::mutex> lock(flush);
