@@ -1,14 +1,233 @@
-"""Attention-mask aggregation M_attn = M_saᵀ M_ca: ``fastdense.ops.attn_mask_aggregate``.
+"""Attention-mask aggregation M_attn = M_saᵀ M_ca: ``torch.ops.fastdense.attn_mask_aggregate``.
 
-Until the fused backends land this runs the reference (materialising M_sa).
+Concept-codebook paper §3.3: from a U-Net layer's self-attention
+M_sa,h = softmax_j(q_h k_hᵀ·scale) (L × L per head) and the cross-attention map
+M_ca (L × N, normalised over the N concept tokens), out_h = M_sa,hᵀ M_ca, then
+averaged over the heads. The backends never materialise M_sa (8 × 4096² values
+per sample at 64×64 latents): like FlashAttention's dV = Pᵀ dO they rebuild
+tiles of P from the row log-sum-exp, in the forward and in the backward.
+
+Tensor contract shared by all backends (all contiguous):
+
+    q, k     (B, H, L, d)       one dtype
+    m_ca     (B, L, N)          shared by the heads, or (B, H, L, N); q's dtype
+    scale    float
+    lse      (B, H, L) | None   logsumexp_j(q_i·k_j·scale) in float32 (float64
+                                for float64 inputs); None: computed
+    head_reduce "mean" | "sum" | "none"
+    forward  -> out (B, L, N) or (B, H, L, N) in q's dtype, lse (B, H, L) as
+                used, saved for the backward
+    backward(grad, q, k, m_ca, scale, lse, head_reduce, needs[q, k, m_ca])
+             -> dq, dk, dm_ca (an empty tensor where not needed)
+
+The backward is the full gradient through the softmax; a given lse is trusted
+to be the rows' log-sum-exp and gets no gradient.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from fastdense.ops import reference
+from fastdense import _ext, _triton
+from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
+
+OP = "attn_mask_aggregate"
+HEAD_REDUCE = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+# ----------------------------------------------------------------------------- validation
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
+    """Raise TypeError/ValueError naming the bad argument and the expected shape."""
+    for name, t in (("q", q), ("k", k), ("m_ca", m_ca), ("lse", lse)):
+        if t is None and name == "lse":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float (e.g. d ** -0.5), got {scale!r}")
+    if head_reduce not in HEAD_REDUCE:
+        raise ValueError(f"head_reduce must be 'mean', 'sum' or 'none', got {head_reduce!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, H, L, d), got {_shape(q)}")
+    b, h, length, d = q.shape
+    if length < 1 or d < 1:
+        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {_shape(q)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {_shape(k)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; q and k must share one dtype")
+    if m_ca.dim() == 3:
+        if m_ca.shape[:2] != (b, length):
+            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
+                             f"got {_shape(m_ca)}")
+    elif m_ca.dim() == 4:
+        if m_ca.shape[:3] != (b, h, length):
+            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
+                             f"got {_shape(m_ca)}")
+    else:
+        raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
+                         f"got {_shape(m_ca)}")
+    if lse is not None and tuple(lse.shape) != (b, h, length):
+        raise ValueError(f"lse must have shape (B={b}, H={h}, L={length}), the log-sum-exp of each "
+                         f"scaled score row, got {_shape(lse)}")
+    for name, t in (("k", k), ("m_ca", m_ca), ("lse", lse)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+
+
+# ----------------------------------------------------------------------------- backends
+_dispatch.register(OP, "torch", forward=_attn_aggregate_torch.forward, backward=_attn_aggregate_torch.backward)
+
+
+def _cpp_input_reasons(q, *rest) -> list[str]:
+    if q.device.type != "cpu":
+        return [f"cpp runs CPU tensors, got {q.device.type}"]
+    if q.dtype not in (torch.float32, torch.float64):
+        return [f"cpp supports float32/float64, got {q.dtype}"]
+    return []
+
+
+def _ext_forward(q, k, m_ca, scale, lse, head_reduce):
+    return tuple(torch.ops.fastdense._attn_aggregate_fwd(q, k, m_ca, scale, lse, head_reduce))
+
+
+def _ext_backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
+    return tuple(torch.ops.fastdense._attn_aggregate_bwd(grad, q, k, m_ca, scale, lse, head_reduce,
+                                                          [bool(v) for v in needs]))
+
+
+def _cpp_machine_reasons() -> list[str]:
+    return _ext.cpu_reasons() or (_ext.kernel_reasons("_attn_aggregate_fwd", "CPU")
+                                  + _ext.kernel_reasons("_attn_aggregate_bwd", "CPU"))
+
+
+_dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
+                   machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
+
+# Head dims and concept counts the Triton kernels hold in one tile (padded to
+# powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.
+TRITON_MAX_D = 256
+TRITON_MAX_N = 256
+
+
+def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
+    reasons = _triton.device_reasons(q)
+    if q.dtype == torch.float64:
+        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    if q.shape[-1] > TRITON_MAX_D:
+        reasons.append(f"triton supports head dims d <= {TRITON_MAX_D}, got {q.shape[-1]}")
+    if m_ca.shape[-1] > TRITON_MAX_N:
+        reasons.append(f"triton supports N <= {TRITON_MAX_N} concept tokens, got {m_ca.shape[-1]}")
+    return reasons
+
+
+def _triton_forward(*args):
+    from fastdense.kernels import attn_aggregate as kernels
+
+    return kernels.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastdense.kernels import attn_aggregate as kernels
+
+    return kernels.backward(*args)
+
+
+_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
+                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
+
+
+# ----------------------------------------------------------------------------- the operator
+def _out_shape(q, m_ca, head_reduce):
+    b, h, length, _ = q.shape
+    n = m_ca.shape[-1]
+    return (b, h, length, n) if head_reduce == "none" else (b, length, n)
+
+
+@torch.library.custom_op("fastdense::attn_mask_aggregate", mutates_args=())
+def _attn_mask_aggregate_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    m_ca: torch.Tensor,
+    scale: float,
+    lse: Optional[torch.Tensor],
+    head_reduce: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, k, m_ca, scale, lse, head_reduce)
+    impl = _dispatch.select(OP, q.device.type, *args)
+    out, lse_out = impl.forward(*args)
+    if lse is not None and lse_out.untyped_storage().data_ptr() == lse.untyped_storage().data_ptr():
+        lse_out = lse_out.clone()  # a custom op's outputs may not alias its inputs
+    return out, lse_out
+
+
+@_attn_mask_aggregate_op.register_fake
+def _(q, k, m_ca, scale, lse, head_reduce):
+    return (q.new_empty(_out_shape(q, m_ca, head_reduce)),
+            q.new_empty(q.shape[:3], dtype=_attn_aggregate_torch.acc_dtype(q.dtype)))
+
+
+@torch.library.custom_op("fastdense::attn_mask_aggregate_backward", mutates_args=())
+def _attn_mask_aggregate_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    m_ca: torch.Tensor,
+    scale: float,
+    lse: torch.Tensor,
+    head_reduce: str,
+    needs: list[bool],
+    forced: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fwd_args = (q, k, m_ca, scale, lse, head_reduce)
+    # `forced` is the backend forced when the forward ran: autograd may run this
+    # on another thread (CUDA), which does not see the forward's context.
+    with _dispatch.backend(forced or None):
+        impl = _dispatch.select(OP, q.device.type, *fwd_args)
+    grads = impl.backward(grad.contiguous(), q, k, m_ca, scale, lse, head_reduce, list(needs))
+    out = []
+    for g, need in zip(grads, needs):
+        out.append(g if need else q.new_empty(0))
+    return tuple(out)
+
+
+@_attn_mask_aggregate_backward_op.register_fake
+def _(grad, q, k, m_ca, scale, lse, head_reduce, needs, forced):
+    return tuple(t.new_empty(t.shape) if need else q.new_empty(0) for t, need in zip((q, k, m_ca), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, m_ca, scale, _, head_reduce = inputs
+    ctx.save_for_backward(q, k, m_ca, output[1])
+    ctx.scale, ctx.head_reduce = scale, head_reduce
+    ctx.mark_non_differentiable(output[1])
+    ctx.forced = _dispatch.forced_backend() or ""
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, m_ca, lse = ctx.saved_tensors
+    needs = [bool(v) for v in ctx.needs_input_grad[:3]]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grads = torch.ops.fastdense.attn_mask_aggregate_backward(
+        grad_out, q, k, m_ca, ctx.scale, lse, ctx.head_reduce, needs, ctx.forced)
+    dq, dk, dm = (g if need else None for g, need in zip(grads, needs))
+    return dq, dk, dm, None, None, None
+
+
+_attn_mask_aggregate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
 def attn_mask_aggregate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -17,10 +236,29 @@ def attn_mask_aggregate(
     lse: torch.Tensor | None = None,
     head_reduce: str = "mean",
 ) -> torch.Tensor:
-    """out[b, j, n] = mean_h Σ_i softmax_j(q_h k_hᵀ·scale)[i, j] · m_ca[b, i, n].
+    """out[b, j, n] = mean_h Σ_i softmax_j(q_h k_hᵀ·scale)[i, j] · m_ca[b, (h,) i, n].
 
-    q, k (B, H, L, d); m_ca (B, L, N) or (B, H, L, N); lse (B, H, L), the
-    log-sum-exp of the scaled scores' rows, when the caller has it. Returns
-    (B, L, N), or (B, H, L, N) with head_reduce="none".
+    q, k (B, H, L, d); m_ca (B, L, N) shared by the heads, or (B, H, L, N),
+    cast to q's dtype like the reference does; lse (B, H, L), the log-sum-exp
+    of the scaled score rows, when the caller has it (SDPA's forward computes
+    it), else computed in a first pass. Returns (B, L, N) for
+    head_reduce="mean"/"sum", or (B, H, L, N) for "none", in q's dtype.
+    Differentiable to q, k and m_ca (through the softmax; lse gets no
+    gradient). No L × L tensor is materialised by any fused backend.
     """
-    return reference.attn_mask_aggregate(q, k, m_ca, scale, head_reduce)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: run in the autocast dtype.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, m_ca = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                      for t in (q, k, m_ca))
+    check_args(q, k, m_ca, scale, lse, head_reduce)
+    acc = _attn_aggregate_torch.acc_dtype(q.dtype)
+    if lse is not None:
+        lse = lse.detach().to(acc).contiguous()
+    return torch.ops.fastdense.attn_mask_aggregate(
+        q.contiguous(), k.contiguous(), m_ca.to(q.dtype).contiguous(), float(scale), lse, head_reduce)[0]
+
+
+reference_attn_mask_aggregate = reference.attn_mask_aggregate
