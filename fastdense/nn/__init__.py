@@ -1,12 +1,17 @@
 """Drop-in modules: LoRA and multi-task LoRA linear layers and model injection."""
 from fastdense.nn.inject import inject_lora, lora_parameters, mark_only_lora_trainable
 from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
+from fastdense.nn.task_filter import DynamicTaskFilter, FilterNorm, StaticTaskFilter, TaskAwareLoRALinear
 from fastdense.nn.timestep_consolidation import TimestepFeatureConsolidation
 from fastdense.nn.timestep_selection import TaskAwareTimestepSelector
 
 __all__ = [
+    "DynamicTaskFilter",
+    "FilterNorm",
     "LoRALinear",
     "MultiTaskLoRALinear",
+    "StaticTaskFilter",
+    "TaskAwareLoRALinear",
     "TaskAwareTimestepSelector",
     "TimestepFeatureConsolidation",
     "inject_lora",

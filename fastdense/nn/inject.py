@@ -21,11 +21,12 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch.nn as nn
 
 from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
+from fastdense.nn.task_filter import TaskAwareLoRALinear
 
 __all__ = ["inject_lora", "lora_parameters", "mark_only_lora_trainable"]
 
 Target = str | re.Pattern
-_LORA_TYPES = (LoRALinear, MultiTaskLoRALinear)
+_LORA_TYPES = (LoRALinear, MultiTaskLoRALinear, TaskAwareLoRALinear)
 
 
 def _normalise_targets(targets) -> list[Target]:

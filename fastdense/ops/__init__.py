@@ -10,6 +10,7 @@ from fastdense.ops._dispatch import (
 )
 from fastdense.ops import reference
 from fastdense.ops.attn_aggregate import attn_mask_aggregate
+from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
 from fastdense.ops.lora import lora_linear, mt_lora_linear
 from fastdense.ops.timesteps import q_sample_multi
 
@@ -18,6 +19,7 @@ __all__ = [
     "BackendNotSupportedError",
     "attn_mask_aggregate",
     "backend",
+    "dynamic_task_filter",
     "forced_backend",
     "implementations",
     "lora_linear",
@@ -26,4 +28,5 @@ __all__ = [
     "q_sample_multi",
     "reference",
     "select",
+    "ta_lora_dtf",
 ]

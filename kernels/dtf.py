@@ -1,0 +1,290 @@
+"""Triton kernels of TADFormer's Dynamic Task Filter (``ta_lora_dtf``, ``dynamic_task_filter``).
+
+Phase 3 of the TA-module is one kernel, ``_conv_up_add_kernel``: a program
+takes BLOCK_M tokens of one conv sample, computes θ ⊛ h for them in registers
+(the k×k taps read the neighbour tokens, the halo, straight from the
+channels-last h; a tap whose source lies outside the token's window is the
+zero padding), scales by s (adds the static filter's bias), and sweeps the
+output channels: ``tl.dot`` with Bᵀ, plus the base output, stored for every
+task that reads this map. The filtered tokens never go through memory. When the
+tasks share the map (dynamic filter on one shared input) it is computed once
+and written T times.
+
+Backward: ``_conv_kernel`` gives dh (the flipped filter, plus the GAP's
+adjoint d_pooled / count) and the recomputed θ ⊛ h for dB; ``_dtheta_kernel``
+reduces the window's pixels for every tap and channel, slices of the pixels
+per program added atomically in fp32, as does ``_gap_kernel`` for the pool of
+phase 1. The GEMMs (down-projection, dF, dA, dB) go to cuBLAS; the filter
+generation (phase 2) is a few tiny PyTorch ops (fastdense/ops/_dtf_torch.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdense._triton import interpreting as _interpreting
+from fastdense.ops import _dtf_torch
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _conv_tile(src_ptr, theta_ptr, s, offs_n, mask_n, offs_c, mask_c, H, W, WH, WW, NW, R, ts0, ts1,
+               K: tl.constexpr, SIGN: tl.constexpr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """Σ_taps θ[s, win, c, tap] · src[s, y ± (a − k/2), x ± (b − k/2), c] for BLOCK_M tokens, fp32."""
+    y = offs_n // W
+    x = offs_n % W
+    wy = y // WH
+    wx = x // WW
+    y0 = wy * WH
+    y1 = tl.minimum(y0 + WH, H)
+    x0 = wx * WW
+    x1 = tl.minimum(x0 + WW, W)
+    win = wy * NW + wx
+    src = src_ptr + s.to(tl.int64) * H * W * R
+    th = theta_ptr + s.to(tl.int64) * ts0 + win[:, None].to(tl.int64) * ts1 + offs_c[None, :] * (K * K)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for a in tl.static_range(K):
+        yy = y + SIGN * (a - K // 2)
+        for b in tl.static_range(K):
+            xx = x + SIGN * (b - K // 2)
+            ok = mask_n & (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+            m2 = ok[:, None] & mask_c[None, :]
+            hv = tl.load(src + (yy * W + xx).to(tl.int64)[:, None] * R + offs_c[None, :], mask=m2, other=0.0)
+            tv = tl.load(th + (a * K + b), mask=m2, other=0.0)
+            acc += hv.to(tl.float32) * tv.to(tl.float32)
+    # Rows past the map (masked, never stored) would give an empty window.
+    count = tl.maximum((y1 - y0) * (x1 - x0), 1).to(tl.float32)
+    return acc, win, count
+
+
+@triton.jit
+def _conv_up_add_kernel(
+    h_ptr, theta_ptr, b_ptr, bias_ptr, base_ptr, out_ptr,
+    N, H, W, WH, WW, NW, R, COUT, BATCH, TASKS, M_TOTAL, BASE_TSTRIDE, ts0, ts1, scale,
+    K: tl.constexpr, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    offs_n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, R_PAD)
+    mask_c = offs_c < R
+    filt, win, count = _conv_tile(h_ptr, theta_ptr, s, offs_n, mask_n, offs_c, mask_c, H, W, WH, WW, NW, R,
+                                  ts0, ts1, K, 1, BLOCK_M, R_PAD)
+    if SHARED:
+        sample = s
+        task = 0
+    else:
+        task = s // BATCH
+        sample = s % BATCH
+    if HAS_BIAS:
+        filt += tl.load(bias_ptr + task * R + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    filt = (filt * scale).to(b_ptr.dtype.element_ty)
+    rows = (sample * N + offs_n).to(tl.int64)
+    for n0 in range(0, COUT, BLOCK_N):
+        offs_o = n0 + tl.arange(0, BLOCK_N)
+        mask_o = offs_o < COUT
+        bt = tl.load(b_ptr + offs_o[None, :] * R + offs_c[:, None], mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+        upd = tl.dot(filt, bt, input_precision=DOT_PRECISION)
+        mask = mask_n[:, None] & mask_o[None, :]
+        if SHARED:
+            for t in range(0, TASKS):
+                base = tl.load(base_ptr + t * BASE_TSTRIDE + rows[:, None] * COUT + offs_o[None, :], mask=mask,
+                               other=0.0)
+                tl.store(out_ptr + (t * M_TOTAL + rows)[:, None] * COUT + offs_o[None, :],
+                         (base.to(tl.float32) + upd).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            base = tl.load(base_ptr + task * BASE_TSTRIDE + rows[:, None] * COUT + offs_o[None, :], mask=mask,
+                           other=0.0)
+            tl.store(out_ptr + (task * M_TOTAL + rows)[:, None] * COUT + offs_o[None, :],
+                     (base.to(tl.float32) + upd).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_kernel(src_ptr, theta_ptr, dp_ptr, out_ptr, N, H, W, WH, WW, NW, NWIN, R, ts0, ts1,
+                 K: tl.constexpr, SIGN: tl.constexpr, HAS_DP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 R_PAD: tl.constexpr):
+    """y = θ ⊛ src (SIGN = 1) or dh = θᵀ ⊛ grad (+ d_pooled / count) (SIGN = −1)."""
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    offs_n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, R_PAD)
+    mask_c = offs_c < R
+    acc, win, count = _conv_tile(src_ptr, theta_ptr, s, offs_n, mask_n, offs_c, mask_c, H, W, WH, WW, NW, R,
+                                 ts0, ts1, K, SIGN, BLOCK_M, R_PAD)
+    mask = mask_n[:, None] & mask_c[None, :]
+    if HAS_DP:
+        dp = tl.load(dp_ptr + (s.to(tl.int64) * NWIN + win)[:, None] * R + offs_c[None, :], mask=mask, other=0.0)
+        acc += dp.to(tl.float32) / count[:, None]
+    tl.store(out_ptr + (s.to(tl.int64) * N + offs_n)[:, None] * R + offs_c[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _window_range(sw, part, CHUNK, H, W, WH, WW, NW, NWIN):
+    win = sw % NWIN
+    wy = win // NW
+    wx = win % NW
+    y0 = wy * WH
+    y1 = tl.minimum(y0 + WH, H)
+    x0 = wx * WW
+    x1 = tl.minimum(x0 + WW, W)
+    width = x1 - x0
+    count = (y1 - y0) * width
+    p_start = part * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, count)
+    return y0, y1, x0, x1, width, count, p_start, p_end
+
+
+@triton.jit
+def _dtheta_kernel(g_ptr, h_ptr, dt_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK,
+                   K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, R_PAD: tl.constexpr):
+    sw = tl.program_id(0)
+    part = tl.program_id(1)
+    s = sw // NWIN
+    y0, y1, x0, x1, width, count, p_start, p_end = _window_range(sw, part, CHUNK, H, W, WH, WW, NW, NWIN)
+    offs_c = tl.arange(0, R_PAD)
+    mask_c = offs_c < R
+    taps = tl.arange(0, KK_PAD)
+    base_off = s.to(tl.int64) * H * W * R
+    acc = tl.zeros((KK_PAD, R_PAD), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mp = p < p_end
+        y = y0 + p // width
+        x = x0 + p % width
+        gv = tl.load(g_ptr + base_off + (y * W + x).to(tl.int64)[:, None] * R + offs_c[None, :],
+                     mask=mp[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        for a in tl.static_range(K):
+            yy = y + (a - K // 2)
+            for b in tl.static_range(K):
+                xx = x + (b - K // 2)
+                ok = mp & (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+                hv = tl.load(h_ptr + base_off + (yy * W + xx).to(tl.int64)[:, None] * R + offs_c[None, :],
+                             mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                contrib = tl.sum(gv * hv, axis=0)
+                acc += tl.where(taps[:, None] == a * K + b, contrib[None, :], 0.0)
+    ptrs = dt_ptr + (sw.to(tl.int64) * R + offs_c[None, :]) * (K * K) + taps[:, None]
+    tl.atomic_add(ptrs, acc, mask=(taps[:, None] < K * K) & mask_c[None, :])
+
+
+@triton.jit
+def _gap_kernel(h_ptr, pooled_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK, BLOCK_P: tl.constexpr, R_PAD: tl.constexpr):
+    sw = tl.program_id(0)
+    part = tl.program_id(1)
+    s = sw // NWIN
+    y0, y1, x0, x1, width, count, p_start, p_end = _window_range(sw, part, CHUNK, H, W, WH, WW, NW, NWIN)
+    offs_c = tl.arange(0, R_PAD)
+    mask_c = offs_c < R
+    base_off = s.to(tl.int64) * H * W * R
+    acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mp = p < p_end
+        y = y0 + p // width
+        x = x0 + p % width
+        hv = tl.load(h_ptr + base_off + (y * W + x).to(tl.int64)[:, None] * R + offs_c[None, :],
+                     mask=mp[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.sum(hv.to(tl.float32), axis=0)
+    tl.atomic_add(pooled_ptr + sw.to(tl.int64) * R + offs_c, acc / count.to(tl.float32), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _block_m() -> int:
+    return 16 if _interpreting() else 64
+
+
+def _dense_taps(theta: torch.Tensor) -> torch.Tensor:
+    kk = theta.shape[3]
+    if theta.stride(3) == 1 and theta.stride(2) == kk:
+        return theta
+    return theta.contiguous()
+
+
+def _geo_args(g):
+    return g.height, g.width, g.wh, g.ww, g.nw
+
+
+def _reduction_grid(samples: int, g, device) -> tuple[int, int, int]:
+    """(programs per window, pixels per program): enough programs to fill the GPU, or one per window."""
+    windows = max(1, samples * g.n_windows)
+    pixels = g.wh * g.ww
+    if _interpreting() or device.type != "cuda":
+        parts = 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        parts = max(1, min(-(-4 * sms // windows), pixels // 256 or 1))
+    chunk = -(-pixels // parts)
+    return parts, chunk, 16 if _interpreting() else 64
+
+
+def gap(h: torch.Tensor, g) -> torch.Tensor:
+    s, _, r = h.shape
+    pooled = torch.zeros((s, g.n_windows, r), device=h.device, dtype=torch.float32)
+    parts, chunk, block_p = _reduction_grid(s, g, h.device)
+    if h.numel():
+        _gap_kernel[(s * g.n_windows, parts)](h, pooled, *_geo_args(g), g.n_windows, r, chunk,
+                                              BLOCK_P=block_p, R_PAD=_pow2(r, 2))
+    return pooled.to(h.dtype)
+
+
+def _conv(src, theta, g, k, sign, d_pooled=None):
+    s, n, r = src.shape
+    theta = _dense_taps(theta)
+    out = torch.empty_like(src)
+    block_m = _block_m()
+    if src.numel():
+        _conv_kernel[(triton.cdiv(n, block_m), s)](
+            src, theta, d_pooled if d_pooled is not None else src, out, n, *_geo_args(g), g.n_windows, r,
+            theta.stride(0), theta.stride(1), K=k, SIGN=sign, HAS_DP=d_pooled is not None, BLOCK_M=block_m,
+            R_PAD=_pow2(r, 2))
+    return out
+
+
+def dwconv_forward(h, theta, g, k):
+    return _conv(h.contiguous(), theta, g, k, 1)
+
+
+def dwconv_dh(grad, theta, g, k, d_pooled=None):
+    return _conv(grad.contiguous(), theta, g, k, -1, None if d_pooled is None else d_pooled.contiguous())
+
+
+def dwconv_dtheta(grad, h, g, k):
+    s, _, r = h.shape
+    out = torch.zeros((s, g.n_windows, r, k * k), device=h.device, dtype=torch.float32)
+    parts, chunk, block_p = _reduction_grid(s, g, h.device)
+    if h.numel():
+        _dtheta_kernel[(s * g.n_windows, parts)](grad.contiguous(), h.contiguous(), out, *_geo_args(g), g.n_windows,
+                                                 r, chunk, K=k, KK_PAD=_pow2(k * k, 2), BLOCK_P=block_p,
+                                                 R_PAD=_pow2(r, 2))
+    return out.to(h.dtype)
+
+
+def conv_up_add(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
+    """Phase 3 fused: out[t] = base + s · (θ ⊛ h (+ bias_t)) Bᵀ (contract: _dtf_torch.conv_up_add)."""
+    samples, n, r = h.shape
+    m, cout = out.shape[1], out.shape[2]
+    batch = m // n
+    shared = samples == batch and bias is None
+    theta = _dense_taps(theta)
+    block_m = 16 if _interpreting() else 64
+    block_n = 16 if _interpreting() else 64
+    precision = "ieee" if h.dtype == torch.float32 else "tf32"
+    if out.numel():
+        _conv_up_add_kernel[(triton.cdiv(n, block_m), samples)](
+            h.contiguous(), theta, lora_b.contiguous(), bias if bias is not None else h, base, out,
+            n, *_geo_args(g), r, cout, batch, tasks, m, m * cout if base.shape[0] > 1 else 0,
+            theta.stride(0), theta.stride(1), float(scale),
+            K=k, SHARED=shared, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=_pow2(r),
+            DOT_PRECISION=precision)
+
+
+KERNELS = _dtf_torch.Kernels(gap=gap, dwconv_forward=dwconv_forward, dwconv_dh=dwconv_dh,
+                             dwconv_dtheta=dwconv_dtheta, conv_up_add=conv_up_add)
