@@ -11,6 +11,7 @@ from fastdense.ops._dispatch import (
 from fastdense.ops import reference
 from fastdense.ops.attn_aggregate import attn_mask_aggregate
 from fastdense.ops.lora import lora_linear, mt_lora_linear
+from fastdense.ops.skill_adapter import skill_gated_transform
 from fastdense.ops.timesteps import q_sample_multi
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "q_sample_multi",
     "reference",
     "select",
+    "skill_gated_transform",
 ]
