@@ -105,6 +105,12 @@ def test_tasks_skills_ranks_grid(backend, t, m, r):
     check_against_reference(backend, Case((2, 11), 24, r, m, t), seed=t + 7 * m + r)
 
 
+@pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] != "triton"])
+def test_many_row_tiles(backend):
+    """Enough rows for several row tiles / thread chunks, the last one partial."""
+    check_against_reference(backend, Case((3, 347), 8, 4, 5, 2), seed=3)
+
+
 @pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] == "triton"])
 @pytest.mark.parametrize("t, m, r", [(1, 5, 4), (2, 20, 64), (5, 10, 16), (3, 20, 4)], ids=str)
 def test_tasks_skills_ranks_triton(backend, t, m, r):
