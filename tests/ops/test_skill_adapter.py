@@ -256,3 +256,27 @@ def test_forced_backend_refuses_with_reasons():
     i = make_inputs(CASES[0], dtype=torch.float64)
     with fastdense.ops.backend("triton"), pytest.raises(fastdense.ops.BackendNotSupportedError, match="float64"):
         skill_gated_transform(*(i[k] for k in NAMES))
+
+
+# ----------------------------------------------------------------------------- low precision (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] in ("triton", "torch")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [Case((2, 97), 96, 24, 10, 4), Case((3, 49), 768, 192, 10, 4),
+                                  Case((1, 33), 40, 64, 20, 5)], ids=str)
+def test_low_precision_error_within_twice_the_reference_error(backend, dtype, case):
+    """flash-attn's rule: error vs an fp32 reference <= 2x the error of the reference run in that dtype."""
+    inputs = make_inputs(case, device="cuda")
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    grad32 = torch.randn(case.t, *case.lead, case.c, device="cuda")
+    ref32, ref32_grads = run(reference.skill_gated_transform, inputs, grad32)
+    ref_low, ref_low_grads = run(reference.skill_gated_transform, low, grad32.to(dtype))
+    with fastdense.ops.backend(backend):
+        out, grads = run(skill_gated_transform, low, grad32.to(dtype))
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-3
+    for name in NAMES:
+        assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-3, name
