@@ -81,11 +81,13 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kBFloat16 ? at::kFloat : st; }
 
 // Rows per tile: the per-tile scratch (about C + 8·T·R + 3·T·2·M numbers a row)
-// stays near 256 KiB of fp32, within a core's L2; at least 16 rows so the
-// tile GEMMs are not dominated by call overhead.
+// stays near 1 MiB of fp32, about a core's L2, with at least 64 rows: the rows
+// are the inner dimension of the parameter-gradient GEMMs (dW_u += Gᵀ dY, ...),
+// which update a whole (R, C) partial per tile and would be bound by that
+// traffic with thinner tiles.
 int64_t tile_rows(const Dims& d) {
   const int64_t per_row = d.C + 8 * d.T * d.R + 3 * d.gates();
-  return std::clamp<int64_t>(65536 / std::max<int64_t>(1, per_row), 16, 256);
+  return std::clamp<int64_t>(262144 / std::max<int64_t>(1, per_row), 64, 512);
 }
 
 // (T, R, M) x 2 -> (R, T·2·M): column block (t, 0) is W_γ^t, (t, 1) is W_β^t.
