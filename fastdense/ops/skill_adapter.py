@@ -22,6 +22,12 @@ Saved for backward: x, the parameters and h = x W_d (N × R, a quarter of x at
 TDSS's R = C/4). The gates, γ/β, h_s and GELU(h_s) of all tasks (4·T·N·R +
 2·T·N·M numbers) are recomputed from h in the backward pass instead of being
 stored. No biases: the paper's equations have none.
+
+Backends: ``cpp`` (csrc/cpu/skill_adapter.cpp: row tiles, per-thread
+parameter-gradient partials, deterministic for a thread count), ``triton``
+(kernels/skill_adapter.py: one row-tile kernel each way, R and M padded to
+powers of two >= 16, parameter gradients by fp32 atomics), ``torch``
+(_skill_adapter_torch.py: batched over tasks). No CUDA kernel: Triton covers GPUs.
 """
 from __future__ import annotations
 
