@@ -15,8 +15,8 @@
 //     dh += dL W_gᵀ, dx = dh W_dᵀ; the parameter gradients (W_u, S, W_g, W_d)
 //     accumulate into one partial per thread chunk, reduced at the end in a
 //     fixed order (deterministic for a given thread count).
-// The tile GEMMs and the erf/exp element-wise ops go through ATen (MKL and the
-// vectorised GELU/softmax kernels); inside the parallel region they run on the
+// The tile GEMMs, GELU and the exponentials go through ATen (MKL and the
+// vectorised element-wise kernels); inside the parallel region they run on the
 // calling thread. Compute is in at::opmath_type (fp32 for bf16 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
