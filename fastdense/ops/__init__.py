@@ -12,6 +12,7 @@ from fastdense.ops import reference
 from fastdense.ops.attn_aggregate import attn_mask_aggregate
 from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
 from fastdense.ops.lora import lora_linear, mt_lora_linear
+from fastdense.ops.skill_adapter import skill_gated_transform
 from fastdense.ops.timesteps import q_sample_multi
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "q_sample_multi",
     "reference",
     "select",
+    "skill_gated_transform",
     "ta_lora_dtf",
 ]
