@@ -448,7 +448,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @command("demo", "print info, check and time every available backend of the multi-task LoRA op, "
-                 "then train the tiny multi-task model briefly and compare it with a trivial baseline",
+                 "check every other op's backends, then train the tiny multi-task model briefly and compare it with a trivial baseline",
          arguments=_demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
     steps = args.train_steps
@@ -568,6 +568,13 @@ def run_demo(device: str = "auto", time_budget: float = 0.08, out: TextIO = sys.
         print(f"  {label:<20} {r['fwd']:>11.3f} {r['fwdbwd']:>11.3f} "
               f"{base['fwd'] / r['fwd']:>12.2f}x {base['fwdbwd'] / r['fwdbwd']:>12.2f}x", file=out)
     print("", file=out)
+    from fastdense import _demo_checks
+
+    print(f"checks of the other ops on {dev.type} {str(dtype).replace('torch.', '')} (forward and gradients "
+          "vs the float64 reference):", file=out)
+    op_failures, op_passed = _demo_checks.check_ops(dev, dtype, _tolerance, _max_err, forced, _force_backend, out)
+    print("", file=out)
+    failures += op_failures
     if failures:
         print(f"demo: FAIL ({failures} backend(s) failed the check)", file=out)
         return 1
@@ -584,7 +591,8 @@ def run_demo(device: str = "auto", time_budget: float = 0.08, out: TextIO = sys.
             print("demo: FAIL (training did not beat the trivial baseline)", file=out)
             return 1
         print("", file=out)
-    print(f"demo: PASS ({len(runnable)} backend(s) match the reference)", file=out)
+    print(f"demo: PASS ({len(runnable)} backend(s) match the reference; other ops: {op_passed} op-backend "
+          "pairs match)", file=out)
     return 0
 
 

@@ -147,7 +147,13 @@ def test_demo_checks_every_available_backend_and_times_them(user_report):
         assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out
     assert re.search(r"^  mtlora-loop \(eager\)\s+[\d.]+\s+[\d.]+\s+1\.00x\s+1\.00x$", out, re.M)
     assert "FAIL" not in out
-    assert out.rstrip().endswith(f"demo: PASS ({len(expected_run)} backend(s) match the reference)")
+    for op in ("attn_mask_aggregate", "ta_lora_dtf", "skill_gated_transform", "q_sample_multi"):
+        for name, reasons in user_report[op].items():
+            if name in _dispatch.PRIORITY[device_type] and not reasons:
+                assert re.search(rf"^    {op}\s+{name}\s+PASS  worst of forward and \d+ gradients: \S+ (\S+) \(tol (\S+)\)",
+                                 out, re.M), f"no PASS line for {op} {name}:\n{out}"
+    assert re.search(rf"demo: PASS \({len(expected_run)} backend\(s\) match the reference; other ops: \d+ op-backend "
+                     r"pairs match\)$", out.rstrip())
 
 
 def test_demo_fails_when_a_backend_is_wrong(monkeypatch):
@@ -167,6 +173,24 @@ def test_demo_fails_when_a_backend_is_wrong(monkeypatch):
     assert rc != 0
     assert re.search(r"^  torch\s+FAIL", text.getvalue(), re.M)
     assert "demo: FAIL" in text.getvalue()
+
+
+@pytest.mark.parametrize("op", ["attn_mask_aggregate", "q_sample_multi"])
+def test_demo_fails_when_another_ops_backend_is_wrong(monkeypatch, op):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTDENSE_BACKEND", "torch")
+    impls = _dispatch.implementations(op)
+    good = impls["torch"]
+
+    def off_by_a_bit(*args):
+        out = good.forward(*args)
+        return (out[0] + 1e-3, *out[1:]) if isinstance(out, tuple) else out + 1e-3
+
+    monkeypatch.setitem(impls, "torch", dataclasses.replace(good, forward=off_by_a_bit))
+    text = io.StringIO()
+    assert cli.run_demo(device="cpu", time_budget=0.0, out=text) == 1
+    assert re.search(rf"^    {op}\s+torch\s+FAIL", text.getvalue(), re.M), text.getvalue()
+    assert "demo: FAIL (1 backend(s) failed the check)" in text.getvalue()
 
 
 def test_demo_runs_only_the_backend_forced_by_the_environment(monkeypatch):
