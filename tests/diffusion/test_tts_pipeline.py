@@ -269,3 +269,17 @@ def test_batched_leave_one_out_matches_one_by_one(unet):
         assert r1.removed == r2.removed and r1.after == r2.after
         assert [(c.timestep, c.reason) for c in r1.candidates] == [(c.timestep, c.reason) for c in r2.candidates]
     assert one.timesteps != list(INITIAL)  # candidates were accepted along the way
+
+
+# ----------------------------------------------------------------------------- the documented example runs
+def test_module_docstring_example_runs(capsys):
+    import textwrap
+
+    import fastdense.nn.timestep_selection as module
+
+    code = textwrap.dedent(module.__doc__.split("instead of latents::\n", 1)[1].split("\nIn a training loop", 1)[0])
+    namespace: dict = {}
+    exec(compile(code, "timestep_selection example", "exec"), namespace)
+    selector, extractor = namespace["selector"], namespace["extractor"]
+    assert len(selector.history) == 2 and extractor.timesteps == tuple(selector.timesteps)
+    assert "round 1:" in capsys.readouterr().out
