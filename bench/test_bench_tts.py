@@ -8,13 +8,14 @@ similarity test once (on the k − 1 kept features plus the candidate's).
 
 Setup (random weights; timings only):
 
-* U-Net: a diffusers ``UNet2DConditionModel``, frozen, fed the noised latents
-  of all k timesteps as one batch with a per-sample timestep tensor and a
-  broadcast empty-prompt-like conditioning; the features are the outputs of
-  the last two up blocks (captured with forward hooks — the library's
-  extractor lives in ``fastdense.diffusion``; this suite only needs the
-  feature-source contract). CPU: a tiny U-Net (widths 32/64, 16×16 latents,
-  B = 2); GPU: SD 1.x widths (320/640/1280/1280) at 64×64 latents, B = 8, bf16.
+* Features: :class:`fastdense.diffusion.MultiTimestepFeatures` on a diffusers
+  ``UNet2DConditionModel`` (frozen, random weights), the outputs of its last
+  two up blocks, all k timesteps in one U-Net pass with a broadcast
+  conditioning, behind a :class:`fastdense.diffusion.TimestepFeatureCache`
+  (the selector's feature source: one U-Net pass for the timesteps of a call
+  that are not cached, none otherwise). Latents are given directly (no VAE).
+  CPU: a tiny U-Net (widths 32/64, 16×16 latents, B = 2); GPU: SD 1.x widths
+  (320/640/1280/1280) at 64×64 latents, B = 8, bf16.
 * Head: per layer a 1×1 projection to ``dim`` channels, resized to the last
   layer's grid, summed over layers; :class:`TimestepFeatureConsolidation`
   with label-map features as queries; a linear decoder to the label; MSE.
@@ -47,8 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdense.diffusion import MultiTimestepFeatures, TimestepFeatureCache
 from fastdense.nn import TaskAwareTimestepSelector, TimestepFeatureConsolidation
-from fastdense.ops.reference import q_sample_multi
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -73,48 +74,6 @@ def make_unet(cfg, device, dtype):
         down_block_types=tuple(down), up_block_types=tuple(up), layers_per_block=cfg["layers_per_block"],
         cross_attention_dim=cfg["cross_dim"], attention_head_dim=cfg["heads"], norm_num_groups=32)
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-class CachedUNetFeatures:
-    """The feature-source contract on a real U-Net: ``source(ts) -> {layer: (B, k', C, h, w)}``,
-    one U-Net pass for all uncached timesteps of a call, ``unet_calls`` counted."""
-
-    def __init__(self, unet, latents, cond, layers=(-2, -1)):
-        self.unet, self.latents, self.cond = unet, latents, cond
-        self.noise = torch.randn_like(latents)
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's schedule
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).to(latents.device)
-        self.blocks = [unet.up_blocks[i] for i in layers]
-        self.names = [f"up_blocks.{len(unet.up_blocks) + i if i < 0 else i}" for i in layers]
-        self.cache: dict[int, dict[str, torch.Tensor]] = {}
-        self.unet_calls = 0
-
-    @torch.no_grad()
-    def extract(self, timesteps) -> dict[str, torch.Tensor]:
-        """One U-Net pass for ``timesteps``, no cache: {layer: (B, k, C, h, w)}."""
-        b, k = self.latents.shape[0], len(timesteps)
-        ts = torch.tensor(list(timesteps), device=self.latents.device)
-        z_t = q_sample_multi(self.latents, self.noise, ts, self.alphas_cumprod)          # (k·B, ...), timestep-major
-        captured = []
-        hooks = [blk.register_forward_hook(lambda m, i, o: captured.append(o)) for blk in self.blocks]
-        try:
-            self.unet(z_t, ts.repeat_interleave(b), self.cond.expand(k * b, -1, -1))
-        finally:
-            for h in hooks:
-                h.remove()
-        self.unet_calls += 1
-        return {n: f.view(k, b, *f.shape[1:]).transpose(0, 1) for n, f in zip(self.names, captured)}
-
-    def __call__(self, timesteps):
-        missing = [t for t in dict.fromkeys(timesteps) if t not in self.cache]
-        if missing:
-            feats = self.extract(missing)
-            for i, t in enumerate(missing):
-                self.cache[t] = {n: f[:, i] for n, f in feats.items()}
-        return {n: torch.stack([self.cache[t][n] for t in timesteps], dim=1) for n in self.names}
-
-    def keep_only(self, timesteps) -> None:
-        self.cache = {t: v for t, v in self.cache.items() if t in set(timesteps)}
 
 
 class TinyHead(nn.Module):
@@ -146,15 +105,21 @@ class TinyHead(nn.Module):
 
 
 def _setup(device, dtype, cfg):
+    """U-Net, extractor of its last two up blocks, the cache (filled with the
+    initial set), a head sized from the features, and label maps."""
     unet = make_unet(cfg, device, dtype)
     g = torch.Generator(device="cpu").manual_seed(1)
-    latents = torch.randn(cfg["batch"], 4, cfg["latent"], cfg["latent"], generator=g).to(device, dtype)
+    latents = torch.randn(cfg["batch"], 4, cfg["latent"], cfg["latent"], generator=g).to(device)
     cond = torch.randn(1, 77, cfg["cross_dim"], generator=g).to(device, dtype)
     labels = torch.rand(cfg["batch"], 3, 8 * cfg["latent"], 8 * cfg["latent"], generator=g).to(device, dtype)
-    source = CachedUNetFeatures(unet, latents, cond)
-    feats = source(list(INITIAL))
+    n_up = len(unet.up_blocks)
+    extractor = MultiTimestepFeatures(unet, timesteps=INITIAL, layers=[f"up_blocks.{n_up - 2}", f"up_blocks.{n_up - 1}"],
+                                      conditioning=cond).to(device)
+    # Latents (no VAE): the cache encodes nothing and draws one ε from its seed.
+    cache = TimestepFeatureCache(extractor, latents, seed=0)
+    feats = cache(list(INITIAL))
     head = TinyHead({n: f.shape[2] for n, f in feats.items()}, cfg["dim"], 4).to(device, dtype)
-    return source, head, labels
+    return extractor, cache, head, labels
 
 
 def _loss_fns(head, labels):
@@ -169,17 +134,28 @@ def _loss_fns(head, labels):
     return loss_fn, batched_loss_fn
 
 
-def _train_step_fn(source, head, labels):
+def _train_step_fn(cache, head, labels):
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-4)
+    extractor = cache.extractor
 
     def step():
-        feats = source.extract(list(INITIAL))
+        # the frozen U-Net on the current k timesteps, uncached (a training
+        # step sees a new episode every time), then the head's forward,
+        # backward and update
+        with torch.no_grad():
+            feats = extractor.features(cache.latents, list(INITIAL), noise=cache.noise)
         head.train()
         loss = head.per_sample_loss(feats, labels).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def _keep_only_initial(cache) -> None:
+    """Empty the cache but for the current set (refilled here, untimed)."""
+    cache.clear()
+    cache(list(INITIAL))
 
 
 def _time_ms(fn, device) -> float:
@@ -211,8 +187,8 @@ def test_bench_tts_train_step(benchmark, measure, device, target):
     if device.type != target:
         pytest.skip(f"case for {target}; this run is on {device.type}")
     cfg, dtype = _case(device)
-    source, head, labels = _setup(device, dtype, cfg)
-    measure(benchmark, _train_step_fn(source, head, labels), device=device, dtype=dtype,
+    _, cache, head, labels = _setup(device, dtype, cfg)
+    measure(benchmark, _train_step_fn(cache, head, labels), device=device, dtype=dtype,
             info={**_info(cfg, dtype), "case": "train-step"})
 
 
@@ -229,9 +205,9 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
     if device.type != target:
         pytest.skip(f"case for {target}; this run is on {device.type}")
     cfg, dtype = _case(device)
-    source, head, labels = _setup(device, dtype, cfg)
+    _, cache, head, labels = _setup(device, dtype, cfg)
     # The training step trains a copy, so every round sees the same head and draws the same way.
-    train_step = _train_step_fn(source, copy.deepcopy(head), labels)
+    train_step = _train_step_fn(cache, copy.deepcopy(head), labels)
     head.eval()
     loss_fn, batched_loss_fn = _loss_fns(head, labels)
     if case.endswith("all-rejected"):
@@ -244,7 +220,7 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
     def tts_round():
         t0 = time.perf_counter()
         sel = TaskAwareTimestepSelector(k=K, initial=INITIAL, max_candidates=MAX_CANDIDATES, seed=0)
-        records.append(sel.step(source, loss_fn, batched_loss_fn=batched_loss_fn))
+        records.append(sel.step(cache, loss_fn, batched_loss_fn=batched_loss_fn))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         round_ms.append(1e3 * (time.perf_counter() - t0))
@@ -253,7 +229,7 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
         # A training step before every round (untimed by measure, timed here): on a
         # shared machine whose load drifts, paired step/round times give a steadier ratio.
         if case.startswith("uncached"):
-            source.keep_only(INITIAL)
+            _keep_only_initial(cache)
         step_ms.append(_time_ms(train_step, device))
 
     median_ms = measure(benchmark, tts_round, device=device, dtype=dtype, reset=reset,

@@ -373,8 +373,15 @@ class TimestepFeatureCache:
     ``cache(ts, images=...)``) drops them. ``max_entries`` bounds the number of
     cached timesteps, evicting the least recently used.
 
+    The returned dict lists the layers in U-Net execution order (``layers``),
+    not in the order given to the extractor, so its last key is the deepest
+    requested block: the last decoder block with the default layers. That is
+    the layer :class:`fastdense.nn.TaskAwareTimestepSelector` compares
+    features on by default (it takes the source's last key; paper §3.2, "the
+    last block of the U-Net decoder").
+
     Attributes: ``unet_calls`` (U-Net forward calls made), ``encode_calls``
-    (VAE calls made).
+    (VAE calls made), ``layers`` (the output's keys, in execution order).
     """
 
     def __init__(self, extractor: MultiTimestepFeatures, images: torch.Tensor, key=None, seed: int = 0,
@@ -390,6 +397,8 @@ class TimestepFeatureCache:
         self.unet_calls = 0
         self.encode_calls = 0
         self._entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        execution = extractor.available_layers()
+        self.layers: tuple[str, ...] = tuple(sorted(extractor.layers, key=execution.index))
         self._key = None
         self.latents: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
@@ -431,7 +440,7 @@ class TimestepFeatureCache:
                 self._entries[t] = {name: f[:, j].clone() for name, f in feats.items()}
         for t in wanted:
             self._entries.move_to_end(t)
-        out = {name: torch.stack([self._entries[t][name] for t in wanted], dim=1) for name in self.extractor.layers}
+        out = {name: torch.stack([self._entries[t][name] for t in wanted], dim=1) for name in self.layers}
         if self.max_entries is not None:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)

@@ -58,6 +58,60 @@ first if it has dropout, or the comparisons are noisy):
 
 The current set is kept **sorted ascending**, so a head that is not invariant
 to the order of the timestep axis always sees the timesteps in the same order.
+
+Example: the whole pipeline (features of every timestep in one U-Net pass,
+cached per timestep; a head of 1×1 projections, TFC and a linear readout
+scored on the cached features). A tiny random U-Net stands in for Stable
+Diffusion's so that this runs as pasted; with SD, pass ``vae=`` to
+:class:`~fastdense.diffusion.MultiTimestepFeatures` and images in [−1, 1]
+instead of latents::
+
+    import torch
+    import torch.nn as nn
+    from diffusers import UNet2DConditionModel
+    from fastdense.diffusion import MultiTimestepFeatures, TimestepFeatureCache
+    from fastdense.nn import TaskAwareTimestepSelector, TimestepFeatureConsolidation
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    extractor = MultiTimestepFeatures(unet)            # layers: up_blocks.0, up_blocks.1
+    latents, labels = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 16, 16)
+    cache = TimestepFeatureCache(extractor, latents)   # the selector's feature source
+
+    class Head(nn.Module):
+        def __init__(self, dim=32):
+            super().__init__()
+            self.proj = nn.ModuleList([nn.Conv2d(64, dim, 1), nn.Conv2d(32, dim, 1)])
+            self.label = nn.Conv2d(3, dim, 1)
+            self.tfc = TimestepFeatureConsolidation(dim, heads=4, lora_dropout=0.0)
+            self.readout = nn.Linear(dim, 3)
+
+        def forward(self, feats, labels):              # per-sample loss
+            n, k = feats["up_blocks.1"].shape[:2]
+            x = sum(p(f.flatten(0, 1)) for p, f in zip(self.proj, feats.values()))
+            key, _ = self.tfc(self.label(labels), x.unflatten(0, (n, k)))   # Eq. 3
+            target = labels.flatten(2).transpose(1, 2)
+            return (self.readout(key) - target).square().mean(dim=(1, 2))
+
+    head = Head().eval()
+
+    def loss_fn(feats, timesteps):
+        return head(feats, labels).mean()
+
+    def batched_loss_fn(feats, subsets):               # the k leave-one-out sets in one call
+        s = len(subsets)
+        return head(feats, labels.repeat(s, 1, 1, 1)).view(s, -1).mean(1)
+
+    selector = TaskAwareTimestepSelector(k=4, initial=(1, 100, 200, 300), seed=0)
+    selector.select(cache, loss_fn, n_iter=2, batched_loss_fn=batched_loss_fn)
+    print(selector.summary())                          # every draw, its similarities and loss
+    extractor.set_timesteps(selector.timesteps)        # train on with the selected set
+
+In a training loop, call ``selector.maybe_step(step, cache, loss_fn, every=N)``
+after each step instead of ``select``.
 """
 from __future__ import annotations
 
