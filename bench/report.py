@@ -203,7 +203,7 @@ SUITES: dict[str, Suite] = {
                        "the per-timestep diffusers U-Net loop", _timesteps_case),
     "tts": Suite("Task-aware timestep selection round", "one selection round next to a training step; "
                  "in parentheses the round's median share of the training step timed before it",
-                 lambda impl, present: None, "", None, ("round_over_step_pct", "{v:.1f} % of a step")),
+                 lambda impl, present: None, "", lambda r: r["case"], ("round_over_step_pct", "{v:.1f} % of a step")),
     "synthetic": Suite("SyntheticScenes throughput", "images generated per second, all 12 tasks per image",
                        case=_synthetic_case),
 }
