@@ -32,6 +32,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
+from fastdense.ops._custom_op import fresh_outputs
 
 OP = "attn_mask_aggregate"
 HEAD_REDUCE = ("mean", "sum", "none")
@@ -194,10 +195,7 @@ def _attn_mask_aggregate_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, q.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), q, k, m_ca, scale, lse, head_reduce, list(needs))
-    out = []
-    for g, need in zip(grads, needs):
-        out.append(g if need else q.new_empty(0))
-    return tuple(out)
+    return fresh_outputs(grads, needs, q, (grad, *fwd_args))
 
 
 @_attn_mask_aggregate_backward_op.register_fake

@@ -36,6 +36,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _dtf_torch, reference
+from fastdense.ops._custom_op import fresh_outputs
 from fastdense.ops._dtf_torch import Geometry, Kernels
 
 OP = "ta_lora_dtf"
@@ -238,23 +239,6 @@ _register(OP_DTF, _dtf_torch.dtf_forward, _dtf_torch.dtf_backward)
 
 
 # ----------------------------------------------------------------------------- helpers for both operators
-def _fresh(grads, needs, like, seen):
-    """A custom op's outputs may alias neither its inputs nor each other; empty where not needed."""
-    out = []
-    for g, need in zip(grads, needs):
-        if not need or g is None:
-            g = like.new_empty(0)
-        elif g.numel() == 0:
-            g = like.new_empty(g.shape)
-        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
-            g = g.clone()
-        else:
-            g = g.contiguous()
-        seen.append(g)
-        out.append(g)
-    return tuple(out)
-
-
 def _filter_shapes(samples, hw, window, r, k, dynamic):
     nwin = _dtf_torch.num_windows(hw, window)
     if not dynamic:
@@ -274,8 +258,7 @@ def _ta_lora_dtf_op(
             phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
     impl = _dispatch.select(OP, f.device.type, *args)
     outs = impl.forward(*args)
-    seen = [t for t in args if isinstance(t, torch.Tensor)]
-    return _fresh(outs, [True] * 6, f, seen)  # theta etc. may be empty; never aliases
+    return fresh_outputs(outs, [True] * 6, f, args)  # theta etc. may be empty; never aliases
 
 
 @_ta_lora_dtf_op.register_fake
@@ -305,8 +288,7 @@ def _ta_lora_dtf_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, f.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, theta, pooled, normed, denom, list(needs))
-    seen = [t for t in (grad, h, theta, pooled, normed, denom, *fwd_args) if isinstance(t, torch.Tensor)]
-    return _fresh(grads, needs, f, seen)
+    return fresh_outputs(grads, needs, f, (grad, h, theta, pooled, normed, denom, *fwd_args))
 
 
 @_ta_lora_dtf_backward_op.register_fake
@@ -357,8 +339,7 @@ def _dtf_op(
     args = (h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean)
     impl = _dispatch.select(OP_DTF, h.device.type, *args)
     outs = impl.forward(*args)
-    seen = [t for t in args if isinstance(t, torch.Tensor)]
-    return _fresh(outs, [True] * 5, h, seen)
+    return fresh_outputs(outs, [True] * 5, h, args)
 
 
 @_dtf_op.register_fake
@@ -381,9 +362,8 @@ def _dtf_backward_op(
     grads = impl.backward(grad.contiguous(), None if grad_theta is None else grad_theta.contiguous(),
                           h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean,
                           theta, pooled, normed, denom, list(needs))
-    seen = [t for t in (grad, grad_theta, h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom)
-            if isinstance(t, torch.Tensor)]
-    return _fresh(grads, needs, h, seen)
+    return fresh_outputs(grads, needs, h,
+                         (grad, grad_theta, h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom))
 
 
 @_dtf_backward_op.register_fake

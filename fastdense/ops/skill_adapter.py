@@ -38,6 +38,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _skill_adapter_torch, reference
+from fastdense.ops._custom_op import fresh_outputs
 
 OP = "skill_gated_transform"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -189,16 +190,7 @@ def _skill_gated_transform_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, x.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, list(needs))
-    # A custom op's outputs may alias neither its inputs nor each other.
-    out, seen = [], [grad, h, *fwd_args]
-    for g, need in zip(grads, needs):
-        if not need:
-            g = x.new_empty(0)
-        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
-            g = g.clone()
-        seen.append(g)
-        out.append(g)
-    return tuple(out)
+    return fresh_outputs(grads, needs, x, (grad, h, *fwd_args))
 
 
 @_skill_gated_transform_backward_op.register_fake

@@ -47,6 +47,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, reference
+from fastdense.ops._custom_op import fresh_outputs
 
 OP = "q_sample_multi"
 LAYOUTS = ("timestep", "sample")
@@ -275,7 +276,7 @@ def _q_sample_multi_backward_op(
         impl = _dispatch.select(OP, grad.device.type, grad, grad, timesteps, alphas_cumprod, sample_major)
     d_z0, d_noise = impl.backward(grad.contiguous(), timesteps, alphas_cumprod, batch, sample_major, shared_noise,
                                   list(needs))
-    return d_z0 if needs[0] else grad.new_empty(0), d_noise if needs[1] else grad.new_empty(0)
+    return fresh_outputs((d_z0, d_noise), needs, grad, (grad, timesteps, alphas_cumprod))
 
 
 @_q_sample_multi_backward_op.register_fake
