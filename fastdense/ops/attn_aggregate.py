@@ -106,13 +106,9 @@ def _ext_backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
                                                           [bool(v) for v in needs]))
 
 
-def _cpp_machine_reasons() -> list[str]:
-    return _ext.cpu_reasons() or (_ext.kernel_reasons("_attn_aggregate_fwd", "CPU")
-                                  + _ext.kernel_reasons("_attn_aggregate_bwd", "CPU"))
-
-
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", "_attn_aggregate_fwd", "_attn_aggregate_bwd"),
+                   input_reasons=_cpp_input_reasons)
 
 # Head dims and concept counts the Triton kernels hold in one tile (padded to
 # powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.

@@ -213,22 +213,16 @@ def _triton_input_reasons(*args) -> list[str]:
     return reasons
 
 
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or [r for op in _EXT_OPS for r in _ext.kernel_reasons(op, dispatch_key)]
-    return reasons
-
-
 def _register(op: str, forward, backward) -> None:
     def bind(fn, name):
         return lambda *args: fn(*args, kernels=_KERNELS[name]())
 
     _dispatch.register(op, "torch", forward=bind(forward, "torch"), backward=bind(backward, "torch"))
     _dispatch.register(op, "cpp", forward=bind(forward, "cpp"), backward=bind(backward, "cpp"),
-                       machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                       machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                        input_reasons=_cpp_input_reasons)
     _dispatch.register(op, "cuda", forward=bind(forward, "cuda"), backward=bind(backward, "cuda"),
-                       machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                       machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                        input_reasons=_cuda_input_reasons_for(op))
     _dispatch.register(op, "triton", forward=bind(forward, "triton"), backward=bind(backward, "triton"),
                        machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)

@@ -113,6 +113,9 @@ def _cuda_input_reasons(x, weight, bias, lora_a, lora_b, ranks, *rest) -> list[s
     return reasons
 
 
+_EXT_OPS = ("_mt_lora_fwd", "_mt_lora_bwd")
+
+
 def _ext_forward(*args):
     return tuple(torch.ops.fastdense._mt_lora_fwd(*args))
 
@@ -121,18 +124,11 @@ def _ext_backward(*args):
     return tuple(torch.ops.fastdense._mt_lora_bwd(*args[:-1], list(args[-1])))
 
 
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or (_ext.kernel_reasons("_mt_lora_fwd", dispatch_key)
-                                    + _ext.kernel_reasons("_mt_lora_bwd", dispatch_key))
-    return reasons
-
-
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                    input_reasons=_cpp_input_reasons)
 _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                    input_reasons=_cuda_input_reasons)
 
 

@@ -93,11 +93,6 @@ def _cpp_input_reasons(x, *rest) -> list[str]:
     return []
 
 
-def _cpp_machine_reasons() -> list[str]:
-    return _ext.cpu_reasons() or (_ext.kernel_reasons("_skill_adapter_fwd", "CPU")
-                                  + _ext.kernel_reasons("_skill_adapter_bwd", "CPU"))
-
-
 def _cpp_forward(*args):
     return tuple(torch.ops.fastdense._skill_adapter_fwd(*args))
 
@@ -107,7 +102,8 @@ def _cpp_backward(*args):
 
 
 _dispatch.register(OP, "cpp", forward=_cpp_forward, backward=_cpp_backward,
-                   machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", "_skill_adapter_fwd", "_skill_adapter_bwd"),
+                   input_reasons=_cpp_input_reasons)
 
 # Limits of the Triton kernels (kernels/skill_adapter.py): h, γ, β and GELU(h_s)
 # of a row tile live in registers as (rows, R padded to a power of two) blocks.

@@ -163,6 +163,9 @@ _dispatch.register(OP, "torch", forward=torch_forward, backward=torch_backward)
 
 
 # ----------------------------------------------------------------------------- cpp / cuda backends
+_EXT_OPS = ("_q_sample_multi_fwd", "_q_sample_multi_bwd")
+
+
 def _ext_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
     return torch.ops.fastdense._q_sample_multi_fwd(z0, noise, timesteps, alphas_cumprod, sample_major)
 
@@ -170,13 +173,6 @@ def _ext_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
 def _ext_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs):
     return tuple(torch.ops.fastdense._q_sample_multi_bwd(grad, timesteps, alphas_cumprod, batch, sample_major,
                                                          shared_noise, list(needs)))
-
-
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or (_ext.kernel_reasons("_q_sample_multi_fwd", dispatch_key)
-                                    + _ext.kernel_reasons("_q_sample_multi_bwd", dispatch_key))
-    return reasons
 
 
 def _cpp_input_reasons(z0, *rest) -> list[str]:
@@ -192,10 +188,10 @@ def _cuda_input_reasons(z0, *rest) -> list[str]:
 
 
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                    input_reasons=_cpp_input_reasons)
 _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                    input_reasons=_cuda_input_reasons)
 
 
