@@ -117,9 +117,7 @@ TRITON_MAX_N = 256
 
 
 def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
-    reasons = _triton.device_reasons(q)
-    if q.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    reasons = _triton.input_reasons(q)
     if q.shape[-1] > TRITON_MAX_D:
         reasons.append(f"triton supports head dims d <= {TRITON_MAX_D}, got {q.shape[-1]}")
     if m_ca.shape[-1] > TRITON_MAX_N:
@@ -127,16 +125,7 @@ def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
     return reasons
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import attn_aggregate as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import attn_aggregate as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("attn_aggregate")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,

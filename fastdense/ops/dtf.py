@@ -206,11 +206,7 @@ def _cuda_input_reasons_for(op):
 
 
 def _triton_input_reasons(*args) -> list[str]:
-    x = _first_tensor(args)
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
+    return _triton.input_reasons(_first_tensor(args))
 
 
 def _register(op: str, forward, backward) -> None:

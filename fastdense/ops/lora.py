@@ -133,22 +133,10 @@ _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
 
 
 def _triton_input_reasons(x, weight, bias, lora_a, lora_b, ranks, scales, sit, x_lora, x_tasks) -> list[str]:
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
+    return _triton.input_reasons(x)
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import lora as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import lora as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("lora")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,

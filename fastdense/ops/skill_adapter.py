@@ -112,9 +112,7 @@ TRITON_MAX_SKILLS = 64
 
 
 def _triton_input_reasons(x, w_down, w_up, skills, w_gamma, w_beta) -> list[str]:
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    reasons = _triton.input_reasons(x)
     if w_down.shape[1] > TRITON_MAX_RANK:
         reasons.append(f"triton supports R <= {TRITON_MAX_RANK}, got {w_down.shape[1]}")
     if skills.shape[0] > TRITON_MAX_SKILLS:
@@ -122,16 +120,7 @@ def _triton_input_reasons(x, w_down, w_up, skills, w_gamma, w_beta) -> list[str]
     return reasons
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import skill_adapter as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import skill_adapter as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("skill_adapter")
 
 
 def _triton_machine_reasons() -> list[str]:

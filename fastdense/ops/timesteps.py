@@ -197,22 +197,10 @@ _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
 
 # ----------------------------------------------------------------------------- triton backend
 def _triton_input_reasons(z0, *rest) -> list[str]:
-    reasons = _triton.device_reasons(z0)
-    if z0.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
+    return _triton.input_reasons(z0)
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import q_sample as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import q_sample as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("q_sample")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
