@@ -33,6 +33,7 @@ import torch
 from fastdense import _ext, _triton
 from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
 from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import shape_str
 
 OP = "attn_mask_aggregate"
 HEAD_REDUCE = ("mean", "sum", "none")
@@ -40,10 +41,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     for name, t in (("q", q), ("k", k), ("m_ca", m_ca), ("lse", lse)):
@@ -58,28 +55,28 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"head_reduce must be 'mean', 'sum' or 'none', got {head_reduce!r}")
     if q.dim() != 4:
-        raise ValueError(f"q must have shape (B, H, L, d), got {_shape(q)}")
+        raise ValueError(f"q must have shape (B, H, L, d), got {shape_str(q)}")
     b, h, length, d = q.shape
     if length < 1 or d < 1:
-        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {_shape(q)}")
+        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {shape_str(q)}")
     if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {_shape(k)}")
+        raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {shape_str(k)}")
     if k.dtype != q.dtype:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; q and k must share one dtype")
     if m_ca.dim() == 3:
         if m_ca.shape[:2] != (b, length):
             raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {_shape(m_ca)}")
+                             f"got {shape_str(m_ca)}")
     elif m_ca.dim() == 4:
         if m_ca.shape[:3] != (b, h, length):
             raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {_shape(m_ca)}")
+                             f"got {shape_str(m_ca)}")
     else:
         raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                         f"got {_shape(m_ca)}")
+                         f"got {shape_str(m_ca)}")
     if lse is not None and tuple(lse.shape) != (b, h, length):
         raise ValueError(f"lse must have shape (B={b}, H={h}, L={length}), the log-sum-exp of each "
-                         f"scaled score row, got {_shape(lse)}")
+                         f"scaled score row, got {shape_str(lse)}")
     for name, t in (("k", k), ("m_ca", m_ca), ("lse", lse)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")

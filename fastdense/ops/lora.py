@@ -26,16 +26,13 @@ import torch
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _lora_torch, reference
 from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "mt_lora_linear"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_tasks=None) -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
@@ -51,7 +48,7 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
         raise ValueError(f"x must have shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"weight must have shape (N, K={k}) to match x {_shape(x)}, got {_shape(weight)}")
+        raise ValueError(f"weight must have shape (N, K={k}) to match x {shape_str(x)}, got {shape_str(weight)}")
     n = weight.shape[0]
     ranks = list(ranks)
     if len(ranks) == 0 or any((not isinstance(r, int)) or r < 1 for r in ranks):
@@ -60,25 +57,19 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
         raise ValueError(f"scales must have one entry per adapter ({len(ranks)}), got {len(scales)}")
     r_total = sum(ranks)
     if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape (N={n},), got {_shape(bias)}")
+        raise ValueError(f"bias must have shape (N={n},), got {shape_str(bias)}")
     if tuple(lora_a.shape) != (r_total, k):
-        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {_shape(lora_a)}")
+        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {shape_str(lora_a)}")
     if tuple(lora_b.shape) != (n, r_total):
-        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {_shape(lora_b)}")
+        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {shape_str(lora_b)}")
     if x_lora is not None and x_lora.shape != x.shape:
-        raise ValueError(f"x_lora must have the shape of x {_shape(x)}, got {_shape(x_lora)}")
+        raise ValueError(f"x_lora must have the shape of x {shape_str(x)}, got {shape_str(x_lora)}")
     n_tasks = len(ranks) - 1
     if x_tasks is not None:
         expected = (n_tasks, *x.shape)
         if tuple(x_tasks.shape) != expected:
-            raise ValueError(f"x_tasks must have shape (T={n_tasks}, *x.shape) = {expected}, got {_shape(x_tasks)}")
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+            raise ValueError(f"x_tasks must have shape (T={n_tasks}, *x.shape) = {expected}, got {shape_str(x_tasks)}")
+    check_same_dtype_device(tensors, "x")
 
 
 # ----------------------------------------------------------------------------- backends

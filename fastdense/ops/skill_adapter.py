@@ -39,6 +39,7 @@ import torch
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _skill_adapter_torch, reference
 from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "skill_gated_transform"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,10 +47,6 @@ _NAMES = ("x", "w_down", "w_up", "skills", "w_gamma", "w_beta")
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     tensors = dict(zip(_NAMES, (x, w_down, w_up, skills, w_gamma, w_beta)))
@@ -62,23 +59,19 @@ def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
         raise ValueError("x must have shape (..., C), got a 0-d tensor")
     c = x.shape[-1]
     if w_down.dim() != 2 or w_down.shape[0] != c or w_down.shape[1] < 1:
-        raise ValueError(f"w_down must have shape (C={c}, R) to match x {_shape(x)}, got {_shape(w_down)}")
+        raise ValueError(f"w_down must have shape (C={c}, R) to match x {shape_str(x)}, got {shape_str(w_down)}")
     r = w_down.shape[1]
     if tuple(w_up.shape) != (r, c):
-        raise ValueError(f"w_up must have shape (R={r}, C={c}), got {_shape(w_up)}")
+        raise ValueError(f"w_up must have shape (R={r}, C={c}), got {shape_str(w_up)}")
     if skills.dim() != 2 or skills.shape[1] != r or skills.shape[0] < 1:
-        raise ValueError(f"skills must have shape (M, R={r}), got {_shape(skills)}")
+        raise ValueError(f"skills must have shape (M, R={r}), got {shape_str(skills)}")
     m = skills.shape[0]
     if w_gamma.dim() != 3 or w_gamma.shape[0] < 1 or tuple(w_gamma.shape[1:]) != (r, m):
-        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1, got {_shape(w_gamma)}")
+        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1, got {shape_str(w_gamma)}")
     if tuple(w_beta.shape) != tuple(w_gamma.shape):
         raise ValueError(f"w_beta must have the shape of w_gamma (T={w_gamma.shape[0]}, R={r}, M={m}), "
-                         f"got {_shape(w_beta)}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+                         f"got {shape_str(w_beta)}")
+    check_same_dtype_device(tensors, "x")
 
 
 # ----------------------------------------------------------------------------- backends

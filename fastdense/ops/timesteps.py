@@ -48,6 +48,7 @@ import torch
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, reference
 from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import shape_str
 
 OP = "q_sample_multi"
 LAYOUTS = ("timestep", "sample")
@@ -56,10 +57,6 @@ _SCHEDULE_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     """Raise TypeError/ValueError naming the bad argument; returns True if noise is shared."""
     if layout not in LAYOUTS:
@@ -78,9 +75,9 @@ def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     if z0.dim() < 1:
         raise ValueError("z0 must have shape (B, C, h, w), got a 0-d tensor")
     if timesteps.dim() != 1:
-        raise ValueError(f"timesteps must have shape (k,), got {_shape(timesteps)}")
+        raise ValueError(f"timesteps must have shape (k,), got {shape_str(timesteps)}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.shape[0] < 1:
-        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {_shape(alphas_cumprod)}")
+        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {shape_str(alphas_cumprod)}")
     k = timesteps.shape[0]
     per_step = (k, *z0.shape)
     if tuple(noise.shape) == tuple(z0.shape):
@@ -88,8 +85,8 @@ def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     elif tuple(noise.shape) == per_step:
         shared = False
     else:
-        raise ValueError(f"noise must have the shape of z0 {_shape(z0)} (shared by the timesteps) or "
-                         f"(k={k}, *z0.shape) = {per_step} (one draw per timestep), got {_shape(noise)}")
+        raise ValueError(f"noise must have the shape of z0 {shape_str(z0)} (shared by the timesteps) or "
+                         f"(k={k}, *z0.shape) = {per_step} (one draw per timestep), got {shape_str(noise)}")
     if noise.device != z0.device:
         raise ValueError(f"noise is on {noise.device} but z0 is on {z0.device}; they must be on one device")
     if alphas_cumprod.device != z0.device:
