@@ -87,11 +87,7 @@ _dispatch.register(OP, "torch", forward=_attn_aggregate_torch.forward, backward=
 
 
 def _cpp_input_reasons(q, *rest) -> list[str]:
-    if q.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {q.device.type}"]
-    if q.dtype not in (torch.float32, torch.float64):
-        return [f"cpp supports float32/float64, got {q.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", q, "cpu", (torch.float32, torch.float64))
 
 
 def _ext_forward(q, k, m_ca, scale, lse, head_reduce):

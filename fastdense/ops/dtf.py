@@ -155,12 +155,7 @@ def _first_tensor(args):
 
 
 def _cpp_input_reasons(*args) -> list[str]:
-    x = _first_tensor(args)
-    if x.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {x.device.type}"]
-    if x.dtype not in (torch.float32, torch.float64):
-        return [f"cpp supports float32/float64, got {x.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", _first_tensor(args), "cpu", (torch.float32, torch.float64))
 
 
 # Limits of the CUDA kernels (csrc/cuda/dtf_dwconv.h): a (sample, window) tile

@@ -77,11 +77,7 @@ _dispatch.register(OP, "torch", forward=_lora_torch.forward, backward=_lora_torc
 
 
 def _cpp_input_reasons(x, *rest) -> list[str]:
-    if x.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {x.device.type}"]
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return [f"cpp supports float32/float64/bfloat16, got {x.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", x, "cpu", (torch.float32, torch.float64, torch.bfloat16))
 
 
 # Limits of the CUDA kernels (csrc/cuda/mt_lora.cu): adapters and the total

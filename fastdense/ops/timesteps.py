@@ -173,7 +173,7 @@ def _ext_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_n
 
 
 def _cpp_input_reasons(z0, *rest) -> list[str]:
-    return [] if z0.device.type == "cpu" else [f"cpp runs CPU tensors, got {z0.device.type}"]
+    return _dispatch.device_dtype_reasons("cpp", z0, "cpu")
 
 
 def _cuda_input_reasons(z0, *rest) -> list[str]:
