@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from fastdense.cli import device_tag, gpu_tag
+from fastdense.ops import _dispatch
 
 # Peak figures from /work/shared/reference.md, "Hardware limits". The H100
 # entry is the SXM part (HBM3); PCIe and NVL H100s have other bandwidths and
@@ -93,16 +94,27 @@ def measure_call(
     flops: int | None = None,
     warmup: int = 2,
     info: dict | None = None,
+    first_call: bool = False,
 ) -> float | None:
     """Time ``fn`` inside ``benchmark.pedantic`` and fill ``benchmark.extra_info``.
 
     ``reset`` runs before every call, untimed (clearing ``.grad`` so backward
     does not time a gradient accumulation). Returns the median in ms, or None
     when benchmarks are disabled (then ``fn`` runs once, as a smoke test).
+    ``first_call`` first times one call on its own (compilation, autotuning)
+    as ``extra_info["first_call_s"]``.
     """
     extra = benchmark.extra_info
     extra.update(info or {})
     extra.update({"device": device.type, "device_name": device_tag(), "dtype": str(dtype).replace("torch.", "")})
+    if first_call:
+        t0 = time.perf_counter()
+        if reset is not None:
+            reset()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        extra["first_call_s"] = time.perf_counter() - t0
     if benchmark.disabled:
         benchmark.pedantic(lambda: (reset() if reset else None, fn()))
         return None
@@ -183,6 +195,36 @@ def measure_call(
 def measure():
     """:func:`measure_call`, as a fixture so suites need not import conftest by name."""
     return measure_call
+
+
+@pytest.fixture
+def use_backend(monkeypatch, device):
+    """``use_backend(op, name, op_args)``: run ``op`` with backend ``name`` for the rest of the case.
+
+    Skips the case, with the reasons, when ``name`` cannot run ``op_args``
+    here; Triton on CPU tensors is never benchmarked (interpreter only).
+    ``name=None`` undoes any forcing so dispatch picks. Returns the backend
+    that runs, for ``extra_info["backend"]``. It forces through
+    FASTDENSE_BACKEND because the environment variable, unlike
+    ``fastdense.ops.backend()``, is also seen by the autograd engine's CUDA
+    worker thread that runs backward.
+    """
+    def use(op: str, name: str | None, op_args: tuple) -> str:
+        if name is None:
+            monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
+            return _dispatch.select(op, device.type, *op_args).backend
+        if name == "triton" and device.type == "cpu":
+            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
+        impls = _dispatch.implementations(op)
+        if name not in impls:
+            pytest.skip(f"{op} has no {name} backend")
+        reasons = impls[name].reasons(*op_args)
+        if reasons:
+            pytest.skip(f"{name}: " + "; ".join(reasons))
+        monkeypatch.setenv("FASTDENSE_BACKEND", name)
+        return name
+
+    return use
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,6 @@ and writes df.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -207,7 +206,7 @@ def _stacked(out) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the benchmark
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
-def test_ta_lora_dtf(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+def test_ta_lora_dtf(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
     t = make_inputs(shape, device, dtype)
     hw = [shape.side, shape.side]
     op_args = (t["f"], t["base_out"], t["lora_a"], t["lora_b"], SCALE, hw, shape.window, TASKS, K,
@@ -216,17 +215,9 @@ def test_ta_lora_dtf(benchmark, measure, monkeypatch, device, dtype, shape, impl
             "tokens": shape.tokens, "in_features": shape.channels, "out_features": shape.out_features,
             "tasks": TASKS, "rank": shape.rank, "window": shape.window}
     if impl.startswith("fused-"):
-        name = impl.split("-", 1)[1]
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        reasons = _dispatch.implementations(OP)[name].reasons(*op_args)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)  # also seen by autograd's worker thread
-        info["backend"] = name
+        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
     elif impl == "fused":
-        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-        info["backend"] = _dispatch.select(OP, device.type, *op_args).backend
+        info["backend"] = use_backend(OP, None, op_args)
 
     if impl.startswith("fused"):
         forward, leaves = fused_impl(t, shape)
@@ -262,14 +253,7 @@ def test_ta_lora_dtf(benchmark, measure, monkeypatch, device, dtype, shape, impl
     err = (got.float() - expected).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
-    t0 = time.perf_counter()
-    reset()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-
     bytes_moved, flops = cost(shape, t["f"].element_size(), mode)
     benchmark.group = f"{mode} {shape.id}"
     measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info)
+            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import pytest
 import torch
@@ -195,7 +194,7 @@ def sdpa_lse_fused_impl(t):
 # ----------------------------------------------------------------------------- the benchmark
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
-def test_attn_mask_aggregate(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+def test_attn_mask_aggregate(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
     t = make_inputs_cached(shape, device, dtype)
     op_args = (t["q"], t["k"], t["m_ca"], t["scale"], None, "mean")
     with_sdpa = impl.startswith("sdpa")
@@ -203,21 +202,10 @@ def test_attn_mask_aggregate(benchmark, measure, monkeypatch, device, dtype, sha
             "tokens": shape.tokens, "head_dim": shape.head_dim, "concepts": shape.concepts,
             "includes_sdpa": with_sdpa}
     if impl.startswith("fused-"):
-        name = impl.split("-", 1)[1]
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        if name not in _dispatch.implementations(OP):
-            pytest.skip(f"{OP} has no {name} backend (a CUDA kernel is only worth it if it beats Triton)")
-        reasons = _dispatch.implementations(OP)[name].reasons(*op_args)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        # The environment variable, unlike fastdense.ops.backend(), is also
-        # seen by the autograd engine's CUDA worker thread that runs backward.
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)
-        info["backend"] = name
+        # No cuda backend is registered: a CUDA kernel is only worth it if it beats Triton.
+        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
     elif impl in ("fused", "sdpa-lse+fused"):
-        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-        info["backend"] = _dispatch.select(OP, device.type, *op_args).backend
+        info["backend"] = use_backend(OP, None, op_args)
 
     if impl.startswith("fused"):
         forward, leaves = fused_impl(t)
@@ -251,14 +239,7 @@ def test_attn_mask_aggregate(benchmark, measure, monkeypatch, device, dtype, sha
     err = (got - expected).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
-    t0 = time.perf_counter()
-    reset()
-    fn()  # first call: compilation / autotuning, timed separately
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-
     bytes_moved, flops = cost(shape, t["q"].element_size(), mode, with_sdpa)
     benchmark.group = f"{mode} {shape.id}{' +sdpa' if with_sdpa else ''}"
     measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info, warmup=1)
+            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True, warmup=1)

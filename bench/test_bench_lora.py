@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import time
 
 import pytest
 import torch
@@ -216,7 +215,7 @@ def _stacked(out) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
-def test_mt_lora_linear(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+def test_mt_lora_linear(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
     t = make_inputs(shape, device, dtype)
     op_args = (t["x"].reshape(shape.rows, -1), t["weight"], t["bias"], t["lora_a"], t["lora_b"],
                RANKS, SCALES, False, None, None)
@@ -224,19 +223,9 @@ def test_mt_lora_linear(benchmark, measure, monkeypatch, device, dtype, shape, i
             "tokens": shape.tokens, "in_features": shape.in_features, "out_features": shape.out_features,
             "tasks": TASKS, "ranks": RANKS}
     if impl.startswith("fused-"):
-        name = impl.split("-", 1)[1]
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        reasons = _dispatch.implementations(OP)[name].reasons(*op_args)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        # The environment variable, unlike fastdense.ops.backend(), is also
-        # seen by the autograd engine's CUDA worker thread that runs backward.
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)
-        info["backend"] = name
+        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
     elif impl == "fused":
-        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-        info["backend"] = _dispatch.select(OP, device.type, *op_args).backend
+        info["backend"] = use_backend(OP, None, op_args)
 
     if impl.startswith("fused"):
         forward, leaves = fused_impl(t)
@@ -273,15 +262,8 @@ def test_mt_lora_linear(benchmark, measure, monkeypatch, device, dtype, shape, i
     err = (got.float() - expected.float()).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
-    t0 = time.perf_counter()
-    reset()
-    fn()  # first call: compilation / autotuning, timed separately from the benchmark
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-
     bytes_moved, flops = cost(shape, t["x"].element_size(), mode)
     benchmark.group = f"{mode} {shape.id}"
     measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info)
+            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True)
 

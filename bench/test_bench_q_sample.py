@@ -26,7 +26,6 @@ are derived from the median device time.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def _scheduler():
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
-def test_q_sample_multi(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+def test_q_sample_multi(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
     scheduler = _scheduler()
     k, b = len(TIMESTEPS), shape.batch
     latent = (b, shape.channels, shape.side, shape.side)
@@ -93,20 +92,12 @@ def test_q_sample_multi(benchmark, measure, monkeypatch, device, dtype, shape, i
     info = {"impl": impl, "mode": mode, "batch": b, "latent": list(latent[1:]), "k": k,
             "noise": "shared" if shape.shared else "per-step"}
 
+    # The op's flat (B, N) and (k or 1, B, N) layout, which backends check.
+    op_args = (z0.reshape(b, -1), noise.reshape(-1, b, z0[0].numel()), ts, alphas, False)
     if impl.startswith("fused-"):
-        name = impl.split("-", 1)[1]
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        flat = (z0.reshape(b, -1), noise.reshape(-1, b, z0[0].numel()), ts, alphas, False)
-        reasons = _dispatch.implementations(OP)[name].reasons(*flat)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        # The environment variable is also seen by the CUDA autograd thread.
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)
-        info["backend"] = name
+        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
     elif impl == "fused":
-        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-        info["backend"] = _dispatch.select(OP, device.type, z0.reshape(b, -1), noise, ts, alphas, False).backend
+        info["backend"] = use_backend(OP, None, op_args)
 
     if impl.startswith("fused"):
         def forward():
@@ -143,13 +134,6 @@ def test_q_sample_multi(benchmark, measure, monkeypatch, device, dtype, shape, i
     err = (got - expected).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
-    t0 = time.perf_counter()
-    reset()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-
     benchmark.group = f"{mode} {shape.id}"
     measure(benchmark, run, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=cost(shape, z0.element_size(), mode), info=info)
+            bytes_moved=cost(shape, z0.element_size(), mode), info=info, first_call=True)

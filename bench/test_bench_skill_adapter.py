@@ -29,7 +29,6 @@ writes the parameter gradients.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -117,7 +116,7 @@ def cost(shape: Shape, itemsize: int, mode: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
-def test_skill_gated_transform(benchmark, measure, monkeypatch, device, dtype, shape, impl, mode):
+def test_skill_gated_transform(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
     t = make_inputs(shape, device, dtype)
     x = t["x"]
     leaves = [t[k].requires_grad_(True) for k in PARAMS]
@@ -125,21 +124,9 @@ def test_skill_gated_transform(benchmark, measure, monkeypatch, device, dtype, s
     info = {"impl": impl, "mode": mode, "stage": shape.stage, "batch": shape.batch, "tokens": shape.side ** 2,
             "channels": shape.channels, "rank": shape.rank, "skills": SKILLS, "tasks": TASKS}
     if impl.startswith("fused-"):
-        name = impl.split("-", 1)[1]
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        if name not in _dispatch.implementations(OP):
-            pytest.skip(f"{OP} has no {name} backend")
-        reasons = _dispatch.implementations(OP)[name].reasons(*op_args)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        # The environment variable, unlike fastdense.ops.backend(), is also
-        # seen by the autograd engine's CUDA worker thread that runs backward.
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)
-        info["backend"] = name
+        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
     elif impl == "fused":
-        monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-        info["backend"] = _dispatch.select(OP, device.type, *op_args).backend
+        info["backend"] = use_backend(OP, None, op_args)
 
     if impl.startswith("fused"):
         fn_impl = fastdense.ops.skill_gated_transform
@@ -169,14 +156,7 @@ def test_skill_gated_transform(benchmark, measure, monkeypatch, device, dtype, s
     err = (got.float() - expected.float()).abs().max().item()
     assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
 
-    t0 = time.perf_counter()
-    reset()
-    fn()  # first call: compilation / autotuning, timed separately from the benchmark
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-
     bytes_moved, flops = cost(shape, x.element_size(), mode)
     benchmark.group = f"{mode} {shape.id}"
     measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info)
+            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True)

@@ -75,3 +75,17 @@ def kernel_reasons(op: str, dispatch_key: str) -> list[str]:
     if _C is None or not _has_kernel(op, dispatch_key):
         return [f"fastdense._C has no {dispatch_key} kernel for fastdense::{op} (rebuild the extension)"]
     return []
+
+
+def machine_reasons(device_reasons, dispatch_key: str, *ops: str):
+    """The ``machine_reasons`` of an op's cpp or cuda backend.
+
+    ``device_reasons`` is :func:`cpu_reasons` or :func:`cuda_reasons`; when it has
+    none, the reasons are the internal kernels among ``ops`` (``"_mt_lora_fwd"``,
+    ...) that the loaded extension has no ``dispatch_key`` kernel for, so an
+    extension built before an op was added disables just that op's backend.
+    """
+    def reasons() -> list[str]:
+        return device_reasons() or [r for op in ops for r in kernel_reasons(op, dispatch_key)]
+
+    return reasons

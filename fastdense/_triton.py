@@ -49,3 +49,33 @@ def device_reasons(*tensors) -> list[str]:
         reasons.append(f"tensor on {t.device.type} (Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU)")
         break
     return reasons
+
+
+def input_reasons(x) -> list[str]:
+    """Why the Triton kernels cannot take ``x``: its device (:func:`device_reasons`) and dtype."""
+    import torch
+
+    reasons = device_reasons(x)
+    if x.dtype == torch.float64:
+        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    return reasons
+
+
+def lazy_kernels(module: str):
+    """``(forward, backward)`` calling ``fastdense.kernels.<module>``'s host launchers.
+
+    The module is imported on the first call, not at registration: importing
+    it imports triton, which a machine that never runs a Triton backend need
+    not pay for (or have).
+    """
+    import importlib
+
+    def forward(*args):
+        return importlib.import_module(f"fastdense.kernels.{module}").forward(*args)
+
+    def backward(*args):
+        return importlib.import_module(f"fastdense.kernels.{module}").backward(*args)
+
+    forward.__qualname__ = f"kernels.{module}.forward"
+    backward.__qualname__ = f"kernels.{module}.backward"
+    return forward, backward

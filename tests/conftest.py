@@ -51,3 +51,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, then restore the previous count.
+
+    Tiny tensors on a shared 2-core machine: a second torch thread only spins
+    against the other processes. Restoring also undoes in-process CLI runs'
+    ``--threads``.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -73,6 +73,16 @@ def register(
     return impl
 
 
+def device_dtype_reasons(backend: str, x, device_type: str, dtypes=None) -> list[str]:
+    """Why ``backend``, which runs ``device_type`` tensors of ``dtypes`` (None: any), cannot take ``x``."""
+    if x.device.type != device_type:
+        return [f"{backend} runs {device_type.upper()} tensors, got {x.device.type}"]
+    if dtypes is not None and x.dtype not in dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        return [f"{backend} supports {names}, got {x.dtype}"]
+    return []
+
+
 def ops() -> list[str]:
     return sorted(_REGISTRY)
 

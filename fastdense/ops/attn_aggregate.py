@@ -32,6 +32,8 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
+from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import shape_str
 
 OP = "attn_mask_aggregate"
 HEAD_REDUCE = ("mean", "sum", "none")
@@ -39,10 +41,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     for name, t in (("q", q), ("k", k), ("m_ca", m_ca), ("lse", lse)):
@@ -57,28 +55,28 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"head_reduce must be 'mean', 'sum' or 'none', got {head_reduce!r}")
     if q.dim() != 4:
-        raise ValueError(f"q must have shape (B, H, L, d), got {_shape(q)}")
+        raise ValueError(f"q must have shape (B, H, L, d), got {shape_str(q)}")
     b, h, length, d = q.shape
     if length < 1 or d < 1:
-        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {_shape(q)}")
+        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {shape_str(q)}")
     if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {_shape(k)}")
+        raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {shape_str(k)}")
     if k.dtype != q.dtype:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; q and k must share one dtype")
     if m_ca.dim() == 3:
         if m_ca.shape[:2] != (b, length):
             raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {_shape(m_ca)}")
+                             f"got {shape_str(m_ca)}")
     elif m_ca.dim() == 4:
         if m_ca.shape[:3] != (b, h, length):
             raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {_shape(m_ca)}")
+                             f"got {shape_str(m_ca)}")
     else:
         raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                         f"got {_shape(m_ca)}")
+                         f"got {shape_str(m_ca)}")
     if lse is not None and tuple(lse.shape) != (b, h, length):
         raise ValueError(f"lse must have shape (B={b}, H={h}, L={length}), the log-sum-exp of each "
-                         f"scaled score row, got {_shape(lse)}")
+                         f"scaled score row, got {shape_str(lse)}")
     for name, t in (("k", k), ("m_ca", m_ca), ("lse", lse)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
@@ -89,11 +87,7 @@ _dispatch.register(OP, "torch", forward=_attn_aggregate_torch.forward, backward=
 
 
 def _cpp_input_reasons(q, *rest) -> list[str]:
-    if q.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {q.device.type}"]
-    if q.dtype not in (torch.float32, torch.float64):
-        return [f"cpp supports float32/float64, got {q.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", q, "cpu", (torch.float32, torch.float64))
 
 
 def _ext_forward(q, k, m_ca, scale, lse, head_reduce):
@@ -105,13 +99,9 @@ def _ext_backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
                                                           [bool(v) for v in needs]))
 
 
-def _cpp_machine_reasons() -> list[str]:
-    return _ext.cpu_reasons() or (_ext.kernel_reasons("_attn_aggregate_fwd", "CPU")
-                                  + _ext.kernel_reasons("_attn_aggregate_bwd", "CPU"))
-
-
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", "_attn_aggregate_fwd", "_attn_aggregate_bwd"),
+                   input_reasons=_cpp_input_reasons)
 
 # Head dims and concept counts the Triton kernels hold in one tile (padded to
 # powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.
@@ -120,9 +110,7 @@ TRITON_MAX_N = 256
 
 
 def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
-    reasons = _triton.device_reasons(q)
-    if q.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    reasons = _triton.input_reasons(q)
     if q.shape[-1] > TRITON_MAX_D:
         reasons.append(f"triton supports head dims d <= {TRITON_MAX_D}, got {q.shape[-1]}")
     if m_ca.shape[-1] > TRITON_MAX_N:
@@ -130,16 +118,7 @@ def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
     return reasons
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import attn_aggregate as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import attn_aggregate as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("attn_aggregate")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
@@ -194,10 +173,7 @@ def _attn_mask_aggregate_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, q.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), q, k, m_ca, scale, lse, head_reduce, list(needs))
-    out = []
-    for g, need in zip(grads, needs):
-        out.append(g if need else q.new_empty(0))
-    return tuple(out)
+    return fresh_outputs(grads, needs, q, (grad, *fwd_args))
 
 
 @_attn_mask_aggregate_backward_op.register_fake

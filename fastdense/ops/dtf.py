@@ -36,6 +36,8 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _dtf_torch, reference
+from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import check_same_dtype_device, shape_str
 from fastdense.ops._dtf_torch import Geometry, Kernels
 
 OP = "ta_lora_dtf"
@@ -45,10 +47,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def _check_tensor(name, t, optional=False):
     if t is None:
         if optional:
@@ -58,17 +56,6 @@ def _check_tensor(name, t, optional=False):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
-
-
-def _check_same(tensors: dict, ref_name: str) -> None:
-    ref = tensors[ref_name]
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all tensors must share one dtype")
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
 
 
 def _check_hw(hw, n: int, what: str) -> tuple[int, int]:
@@ -91,18 +78,18 @@ def _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, kernel_size)
                          ("fn_std", fn_std, False), ("fn_mean", fn_mean, True)):
         _check_tensor(name, t, optional=opt)
     if phi_weight.dim() != 2 or phi_weight.shape[1] != r:
-        raise ValueError(f"phi_weight must have shape (r·k², r={r}), got {_shape(phi_weight)}")
+        raise ValueError(f"phi_weight must have shape (r·k², r={r}), got {shape_str(phi_weight)}")
     k = _dtf_torch.isqrt_kernel(phi_weight.shape[0], r)
     if k == 0:
-        raise ValueError(f"phi_weight must have r·k² = {r}·k² rows for a square kernel, got {_shape(phi_weight)}")
+        raise ValueError(f"phi_weight must have r·k² = {r}·k² rows for a square kernel, got {shape_str(phi_weight)}")
     if kernel_size is not None and kernel_size != k:
-        raise ValueError(f"kernel_size={kernel_size} but phi_weight {_shape(phi_weight)} gives k = {k}")
+        raise ValueError(f"kernel_size={kernel_size} but phi_weight {shape_str(phi_weight)} gives k = {k}")
     if k % 2 == 0 or k < 3:
         raise ValueError(f"the dynamic filter needs an odd kernel size >= 3 (FilterNorm's std over k² taps), got k = {k}")
     rows = r * k * k
     for name, t in (("phi_bias", phi_bias), ("fn_std", fn_std), ("fn_mean", fn_mean)):
         if t is not None and tuple(t.shape) != (rows,):
-            raise ValueError(f"{name} must have shape (r·k² = {rows},), got {_shape(t)}")
+            raise ValueError(f"{name} must have shape (r·k² = {rows},), got {shape_str(t)}")
     return k
 
 
@@ -110,14 +97,14 @@ def _check_static_params(tasks, r, static_weight, static_bias, kernel_size) -> i
     _check_tensor("static_weight", static_weight)
     _check_tensor("static_bias", static_bias, optional=True)
     if static_weight.dim() != 4 or static_weight.shape[:2] != (tasks, r) or static_weight.shape[2] != static_weight.shape[3]:
-        raise ValueError(f"static_weight must have shape (T={tasks}, r={r}, k, k), got {_shape(static_weight)}")
+        raise ValueError(f"static_weight must have shape (T={tasks}, r={r}, k, k), got {shape_str(static_weight)}")
     k = static_weight.shape[-1]
     if k % 2 == 0:
         raise ValueError(f"static_weight needs an odd kernel size (same padding), got k = {k}")
     if kernel_size is not None and kernel_size != k:
-        raise ValueError(f"kernel_size={kernel_size} but static_weight {_shape(static_weight)} gives k = {k}")
+        raise ValueError(f"kernel_size={kernel_size} but static_weight {shape_str(static_weight)} gives k = {k}")
     if static_bias is not None and tuple(static_bias.shape) != (tasks, r):
-        raise ValueError(f"static_bias must have shape (T={tasks}, r={r}), got {_shape(static_bias)}")
+        raise ValueError(f"static_bias must have shape (T={tasks}, r={r}), got {shape_str(static_bias)}")
     return k
 
 
@@ -168,12 +155,7 @@ def _first_tensor(args):
 
 
 def _cpp_input_reasons(*args) -> list[str]:
-    x = _first_tensor(args)
-    if x.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {x.device.type}"]
-    if x.dtype not in (torch.float32, torch.float64):
-        return [f"cpp supports float32/float64, got {x.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", _first_tensor(args), "cpu", (torch.float32, torch.float64))
 
 
 # Limits of the CUDA kernels (csrc/cuda/dtf_dwconv.h): a (sample, window) tile
@@ -205,17 +187,7 @@ def _cuda_input_reasons_for(op):
 
 
 def _triton_input_reasons(*args) -> list[str]:
-    x = _first_tensor(args)
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
-
-
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or [r for op in _EXT_OPS for r in _ext.kernel_reasons(op, dispatch_key)]
-    return reasons
+    return _triton.input_reasons(_first_tensor(args))
 
 
 def _register(op: str, forward, backward) -> None:
@@ -224,10 +196,10 @@ def _register(op: str, forward, backward) -> None:
 
     _dispatch.register(op, "torch", forward=bind(forward, "torch"), backward=bind(backward, "torch"))
     _dispatch.register(op, "cpp", forward=bind(forward, "cpp"), backward=bind(backward, "cpp"),
-                       machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                       machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                        input_reasons=_cpp_input_reasons)
     _dispatch.register(op, "cuda", forward=bind(forward, "cuda"), backward=bind(backward, "cuda"),
-                       machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                       machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                        input_reasons=_cuda_input_reasons_for(op))
     _dispatch.register(op, "triton", forward=bind(forward, "triton"), backward=bind(backward, "triton"),
                        machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
@@ -238,23 +210,6 @@ _register(OP_DTF, _dtf_torch.dtf_forward, _dtf_torch.dtf_backward)
 
 
 # ----------------------------------------------------------------------------- helpers for both operators
-def _fresh(grads, needs, like, seen):
-    """A custom op's outputs may alias neither its inputs nor each other; empty where not needed."""
-    out = []
-    for g, need in zip(grads, needs):
-        if not need or g is None:
-            g = like.new_empty(0)
-        elif g.numel() == 0:
-            g = like.new_empty(g.shape)
-        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
-            g = g.clone()
-        else:
-            g = g.contiguous()
-        seen.append(g)
-        out.append(g)
-    return tuple(out)
-
-
 def _filter_shapes(samples, hw, window, r, k, dynamic):
     nwin = _dtf_torch.num_windows(hw, window)
     if not dynamic:
@@ -274,8 +229,7 @@ def _ta_lora_dtf_op(
             phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
     impl = _dispatch.select(OP, f.device.type, *args)
     outs = impl.forward(*args)
-    seen = [t for t in args if isinstance(t, torch.Tensor)]
-    return _fresh(outs, [True] * 6, f, seen)  # theta etc. may be empty; never aliases
+    return fresh_outputs(outs, [True] * 6, f, args)  # theta etc. may be empty; never aliases
 
 
 @_ta_lora_dtf_op.register_fake
@@ -305,8 +259,7 @@ def _ta_lora_dtf_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, f.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, theta, pooled, normed, denom, list(needs))
-    seen = [t for t in (grad, h, theta, pooled, normed, denom, *fwd_args) if isinstance(t, torch.Tensor)]
-    return _fresh(grads, needs, f, seen)
+    return fresh_outputs(grads, needs, f, (grad, h, theta, pooled, normed, denom, *fwd_args))
 
 
 @_ta_lora_dtf_backward_op.register_fake
@@ -357,8 +310,7 @@ def _dtf_op(
     args = (h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean)
     impl = _dispatch.select(OP_DTF, h.device.type, *args)
     outs = impl.forward(*args)
-    seen = [t for t in args if isinstance(t, torch.Tensor)]
-    return _fresh(outs, [True] * 5, h, seen)
+    return fresh_outputs(outs, [True] * 5, h, args)
 
 
 @_dtf_op.register_fake
@@ -381,9 +333,8 @@ def _dtf_backward_op(
     grads = impl.backward(grad.contiguous(), None if grad_theta is None else grad_theta.contiguous(),
                           h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean,
                           theta, pooled, normed, denom, list(needs))
-    seen = [t for t in (grad, grad_theta, h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom)
-            if isinstance(t, torch.Tensor)]
-    return _fresh(grads, needs, h, seen)
+    return fresh_outputs(grads, needs, h,
+                         (grad, grad_theta, h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom))
 
 
 @_dtf_backward_op.register_fake
@@ -472,9 +423,9 @@ def ta_lora_dtf(
     for name, t in (("f", f), ("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
         _check_tensor(name, t)
     if f.dim() not in (3, 4):
-        raise ValueError(f"f must have shape (T, B, N, C) or, shared by the tasks, (B, N, C); got {_shape(f)}")
+        raise ValueError(f"f must have shape (T, B, N, C) or, shared by the tasks, (B, N, C); got {shape_str(f)}")
     if base_out.dim() not in (3, 4):
-        raise ValueError(f"base_out must have shape (T, B, N, C_out) or (B, N, C_out); got {_shape(base_out)}")
+        raise ValueError(f"base_out must have shape (T, B, N, C_out) or (B, N, C_out); got {shape_str(base_out)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a number, got {scale!r}")
     tasks = f.shape[0] if f.dim() == 4 else (base_out.shape[0] if base_out.dim() == 4 else num_tasks)
@@ -488,14 +439,14 @@ def ta_lora_dtf(
     b4 = base_out if base_out.dim() == 4 else base_out.unsqueeze(0)
     _, batch, n, c = f4.shape
     if lora_a.dim() != 2 or lora_a.shape[1] != c:
-        raise ValueError(f"lora_a must have shape (r, C={c}), got {_shape(lora_a)}")
+        raise ValueError(f"lora_a must have shape (r, C={c}), got {shape_str(lora_a)}")
     r = lora_a.shape[0]
     if lora_b.dim() != 2 or lora_b.shape[1] != r:
-        raise ValueError(f"lora_b must have shape (C_out, r={r}), got {_shape(lora_b)}")
+        raise ValueError(f"lora_b must have shape (C_out, r={r}), got {shape_str(lora_b)}")
     cout = lora_b.shape[0]
     if b4.shape[0] not in (1, tasks) or b4.shape[1:] != (batch, n, cout):
         raise ValueError(f"base_out must have shape (T={tasks}, B={batch}, N={n}, C_out={cout}) "
-                         f"or (B, N, C_out); got {_shape(base_out)}")
+                         f"or (B, N, C_out); got {shape_str(base_out)}")
     hw = _check_hw(hw, n, "f")
     window = _check_window(window)
     if filter == "dynamic":
@@ -506,7 +457,7 @@ def ta_lora_dtf(
         if any(t is not None for t in (phi_weight, phi_bias, fn_std, fn_mean)):
             raise ValueError("phi_weight/phi_bias/fn_std/fn_mean are for filter='dynamic'")
         k = _check_static_params(tasks, r, static_weight, static_bias, kernel_size)
-    _check_same({"f": f, "base_out": base_out, "lora_a": lora_a, "lora_b": lora_b, "phi_weight": phi_weight,
+    check_same_dtype_device({"f": f, "base_out": base_out, "lora_a": lora_a, "lora_b": lora_b, "phi_weight": phi_weight,
                  "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean, "static_weight": static_weight,
                  "static_bias": static_bias}, "f")
     out, *_ = torch.ops.fastdense.ta_lora_dtf(
@@ -535,12 +486,12 @@ def dynamic_task_filter(
     h, phi_weight, phi_bias, fn_std, fn_mean = _autocast(h, phi_weight, phi_bias, fn_std, fn_mean)
     _check_tensor("h", h)
     if h.dim() != 3:
-        raise ValueError(f"h must have shape (S, N, r), got {_shape(h)}")
+        raise ValueError(f"h must have shape (S, N, r), got {shape_str(h)}")
     s, n, r = h.shape
     hw = _check_hw(hw, n, "h")
     window = _check_window(window)
     k = _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, None)
-    _check_same({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean}, "h")
+    check_same_dtype_device({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean}, "h")
     out, theta, *_ = torch.ops.fastdense.dynamic_task_filter(
         h.contiguous(), list(hw), window, k, phi_weight.contiguous(), _contig(phi_bias), fn_std.contiguous(),
         _contig(fn_mean))

@@ -25,16 +25,14 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _lora_torch, reference
+from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "mt_lora_linear"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_tasks=None) -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
@@ -50,7 +48,7 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
         raise ValueError(f"x must have shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"weight must have shape (N, K={k}) to match x {_shape(x)}, got {_shape(weight)}")
+        raise ValueError(f"weight must have shape (N, K={k}) to match x {shape_str(x)}, got {shape_str(weight)}")
     n = weight.shape[0]
     ranks = list(ranks)
     if len(ranks) == 0 or any((not isinstance(r, int)) or r < 1 for r in ranks):
@@ -59,25 +57,19 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
         raise ValueError(f"scales must have one entry per adapter ({len(ranks)}), got {len(scales)}")
     r_total = sum(ranks)
     if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape (N={n},), got {_shape(bias)}")
+        raise ValueError(f"bias must have shape (N={n},), got {shape_str(bias)}")
     if tuple(lora_a.shape) != (r_total, k):
-        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {_shape(lora_a)}")
+        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {shape_str(lora_a)}")
     if tuple(lora_b.shape) != (n, r_total):
-        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {_shape(lora_b)}")
+        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {shape_str(lora_b)}")
     if x_lora is not None and x_lora.shape != x.shape:
-        raise ValueError(f"x_lora must have the shape of x {_shape(x)}, got {_shape(x_lora)}")
+        raise ValueError(f"x_lora must have the shape of x {shape_str(x)}, got {shape_str(x_lora)}")
     n_tasks = len(ranks) - 1
     if x_tasks is not None:
         expected = (n_tasks, *x.shape)
         if tuple(x_tasks.shape) != expected:
-            raise ValueError(f"x_tasks must have shape (T={n_tasks}, *x.shape) = {expected}, got {_shape(x_tasks)}")
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+            raise ValueError(f"x_tasks must have shape (T={n_tasks}, *x.shape) = {expected}, got {shape_str(x_tasks)}")
+    check_same_dtype_device(tensors, "x")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -85,11 +77,7 @@ _dispatch.register(OP, "torch", forward=_lora_torch.forward, backward=_lora_torc
 
 
 def _cpp_input_reasons(x, *rest) -> list[str]:
-    if x.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {x.device.type}"]
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return [f"cpp supports float32/float64/bfloat16, got {x.dtype}"]
-    return []
+    return _dispatch.device_dtype_reasons("cpp", x, "cpu", (torch.float32, torch.float64, torch.bfloat16))
 
 
 # Limits of the CUDA kernels (csrc/cuda/mt_lora.cu): adapters and the total
@@ -112,6 +100,9 @@ def _cuda_input_reasons(x, weight, bias, lora_a, lora_b, ranks, *rest) -> list[s
     return reasons
 
 
+_EXT_OPS = ("_mt_lora_fwd", "_mt_lora_bwd")
+
+
 def _ext_forward(*args):
     return tuple(torch.ops.fastdense._mt_lora_fwd(*args))
 
@@ -120,38 +111,19 @@ def _ext_backward(*args):
     return tuple(torch.ops.fastdense._mt_lora_bwd(*args[:-1], list(args[-1])))
 
 
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or (_ext.kernel_reasons("_mt_lora_fwd", dispatch_key)
-                                    + _ext.kernel_reasons("_mt_lora_bwd", dispatch_key))
-    return reasons
-
-
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                    input_reasons=_cpp_input_reasons)
 _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                    input_reasons=_cuda_input_reasons)
 
 
 def _triton_input_reasons(x, weight, bias, lora_a, lora_b, ranks, scales, sit, x_lora, x_tasks) -> list[str]:
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
+    return _triton.input_reasons(x)
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import lora as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import lora as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("lora")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
@@ -207,16 +179,7 @@ def _mt_lora_linear_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, x.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, list(needs))
-    # A custom op's outputs may alias neither its inputs nor each other.
-    out, seen = [], [t for t in (grad, h, *fwd_args) if isinstance(t, torch.Tensor)]
-    for g, need in zip(grads, needs):
-        if not need:
-            g = x.new_empty(0)
-        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
-            g = g.clone()
-        seen.append(g)
-        out.append(g)
-    return tuple(out)
+    return fresh_outputs(grads, needs, x, (grad, h, *fwd_args))
 
 
 @_mt_lora_linear_backward_op.register_fake

@@ -38,6 +38,8 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _skill_adapter_torch, reference
+from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "skill_gated_transform"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -45,10 +47,6 @@ _NAMES = ("x", "w_down", "w_up", "skills", "w_gamma", "w_beta")
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     tensors = dict(zip(_NAMES, (x, w_down, w_up, skills, w_gamma, w_beta)))
@@ -61,23 +59,19 @@ def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
         raise ValueError("x must have shape (..., C), got a 0-d tensor")
     c = x.shape[-1]
     if w_down.dim() != 2 or w_down.shape[0] != c or w_down.shape[1] < 1:
-        raise ValueError(f"w_down must have shape (C={c}, R) to match x {_shape(x)}, got {_shape(w_down)}")
+        raise ValueError(f"w_down must have shape (C={c}, R) to match x {shape_str(x)}, got {shape_str(w_down)}")
     r = w_down.shape[1]
     if tuple(w_up.shape) != (r, c):
-        raise ValueError(f"w_up must have shape (R={r}, C={c}), got {_shape(w_up)}")
+        raise ValueError(f"w_up must have shape (R={r}, C={c}), got {shape_str(w_up)}")
     if skills.dim() != 2 or skills.shape[1] != r or skills.shape[0] < 1:
-        raise ValueError(f"skills must have shape (M, R={r}), got {_shape(skills)}")
+        raise ValueError(f"skills must have shape (M, R={r}), got {shape_str(skills)}")
     m = skills.shape[0]
     if w_gamma.dim() != 3 or w_gamma.shape[0] < 1 or tuple(w_gamma.shape[1:]) != (r, m):
-        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1, got {_shape(w_gamma)}")
+        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1, got {shape_str(w_gamma)}")
     if tuple(w_beta.shape) != tuple(w_gamma.shape):
         raise ValueError(f"w_beta must have the shape of w_gamma (T={w_gamma.shape[0]}, R={r}, M={m}), "
-                         f"got {_shape(w_beta)}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+                         f"got {shape_str(w_beta)}")
+    check_same_dtype_device(tensors, "x")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -85,16 +79,7 @@ _dispatch.register(OP, "torch", forward=_skill_adapter_torch.forward, backward=_
 
 
 def _cpp_input_reasons(x, *rest) -> list[str]:
-    if x.device.type != "cpu":
-        return [f"cpp runs CPU tensors, got {x.device.type}"]
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return [f"cpp supports float32/float64/bfloat16, got {x.dtype}"]
-    return []
-
-
-def _cpp_machine_reasons() -> list[str]:
-    return _ext.cpu_reasons() or (_ext.kernel_reasons("_skill_adapter_fwd", "CPU")
-                                  + _ext.kernel_reasons("_skill_adapter_bwd", "CPU"))
+    return _dispatch.device_dtype_reasons("cpp", x, "cpu", (torch.float32, torch.float64, torch.bfloat16))
 
 
 def _cpp_forward(*args):
@@ -106,7 +91,8 @@ def _cpp_backward(*args):
 
 
 _dispatch.register(OP, "cpp", forward=_cpp_forward, backward=_cpp_backward,
-                   machine_reasons=_cpp_machine_reasons, input_reasons=_cpp_input_reasons)
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", "_skill_adapter_fwd", "_skill_adapter_bwd"),
+                   input_reasons=_cpp_input_reasons)
 
 # Limits of the Triton kernels (kernels/skill_adapter.py): h, γ, β and GELU(h_s)
 # of a row tile live in registers as (rows, R padded to a power of two) blocks.
@@ -115,9 +101,7 @@ TRITON_MAX_SKILLS = 64
 
 
 def _triton_input_reasons(x, w_down, w_up, skills, w_gamma, w_beta) -> list[str]:
-    reasons = _triton.device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
+    reasons = _triton.input_reasons(x)
     if w_down.shape[1] > TRITON_MAX_RANK:
         reasons.append(f"triton supports R <= {TRITON_MAX_RANK}, got {w_down.shape[1]}")
     if skills.shape[0] > TRITON_MAX_SKILLS:
@@ -125,16 +109,7 @@ def _triton_input_reasons(x, w_down, w_up, skills, w_gamma, w_beta) -> list[str]
     return reasons
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import skill_adapter as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import skill_adapter as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("skill_adapter")
 
 
 def _triton_machine_reasons() -> list[str]:
@@ -189,16 +164,7 @@ def _skill_gated_transform_backward_op(
     with _dispatch.backend(forced or None):
         impl = _dispatch.select(OP, x.device.type, *fwd_args)
     grads = impl.backward(grad.contiguous(), *fwd_args, h, list(needs))
-    # A custom op's outputs may alias neither its inputs nor each other.
-    out, seen = [], [grad, h, *fwd_args]
-    for g, need in zip(grads, needs):
-        if not need:
-            g = x.new_empty(0)
-        elif any(g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in seen if t.numel()):
-            g = g.clone()
-        seen.append(g)
-        out.append(g)
-    return tuple(out)
+    return fresh_outputs(grads, needs, x, (grad, h, *fwd_args))
 
 
 @_skill_gated_transform_backward_op.register_fake

@@ -47,6 +47,8 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, reference
+from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._validate import shape_str
 
 OP = "q_sample_multi"
 LAYOUTS = ("timestep", "sample")
@@ -55,10 +57,6 @@ _SCHEDULE_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     """Raise TypeError/ValueError naming the bad argument; returns True if noise is shared."""
     if layout not in LAYOUTS:
@@ -77,9 +75,9 @@ def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     if z0.dim() < 1:
         raise ValueError("z0 must have shape (B, C, h, w), got a 0-d tensor")
     if timesteps.dim() != 1:
-        raise ValueError(f"timesteps must have shape (k,), got {_shape(timesteps)}")
+        raise ValueError(f"timesteps must have shape (k,), got {shape_str(timesteps)}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.shape[0] < 1:
-        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {_shape(alphas_cumprod)}")
+        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {shape_str(alphas_cumprod)}")
     k = timesteps.shape[0]
     per_step = (k, *z0.shape)
     if tuple(noise.shape) == tuple(z0.shape):
@@ -87,8 +85,8 @@ def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     elif tuple(noise.shape) == per_step:
         shared = False
     else:
-        raise ValueError(f"noise must have the shape of z0 {_shape(z0)} (shared by the timesteps) or "
-                         f"(k={k}, *z0.shape) = {per_step} (one draw per timestep), got {_shape(noise)}")
+        raise ValueError(f"noise must have the shape of z0 {shape_str(z0)} (shared by the timesteps) or "
+                         f"(k={k}, *z0.shape) = {per_step} (one draw per timestep), got {shape_str(noise)}")
     if noise.device != z0.device:
         raise ValueError(f"noise is on {noise.device} but z0 is on {z0.device}; they must be on one device")
     if alphas_cumprod.device != z0.device:
@@ -162,6 +160,9 @@ _dispatch.register(OP, "torch", forward=torch_forward, backward=torch_backward)
 
 
 # ----------------------------------------------------------------------------- cpp / cuda backends
+_EXT_OPS = ("_q_sample_multi_fwd", "_q_sample_multi_bwd")
+
+
 def _ext_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
     return torch.ops.fastdense._q_sample_multi_fwd(z0, noise, timesteps, alphas_cumprod, sample_major)
 
@@ -171,15 +172,8 @@ def _ext_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_n
                                                          shared_noise, list(needs)))
 
 
-def _ext_machine_reasons(device_reasons, dispatch_key):
-    def reasons() -> list[str]:
-        return device_reasons() or (_ext.kernel_reasons("_q_sample_multi_fwd", dispatch_key)
-                                    + _ext.kernel_reasons("_q_sample_multi_bwd", dispatch_key))
-    return reasons
-
-
 def _cpp_input_reasons(z0, *rest) -> list[str]:
-    return [] if z0.device.type == "cpu" else [f"cpp runs CPU tensors, got {z0.device.type}"]
+    return _dispatch.device_dtype_reasons("cpp", z0, "cpu")
 
 
 def _cuda_input_reasons(z0, *rest) -> list[str]:
@@ -191,31 +185,19 @@ def _cuda_input_reasons(z0, *rest) -> list[str]:
 
 
 _dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cpu_reasons, "CPU"),
+                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
                    input_reasons=_cpp_input_reasons)
 _dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext_machine_reasons(_ext.cuda_reasons, "CUDA"),
+                   machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
                    input_reasons=_cuda_input_reasons)
 
 
 # ----------------------------------------------------------------------------- triton backend
 def _triton_input_reasons(z0, *rest) -> list[str]:
-    reasons = _triton.device_reasons(z0)
-    if z0.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
-    return reasons
+    return _triton.input_reasons(z0)
 
 
-def _triton_forward(*args):
-    from fastdense.kernels import q_sample as kernels
-
-    return kernels.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastdense.kernels import q_sample as kernels
-
-    return kernels.backward(*args)
+_triton_forward, _triton_backward = _triton.lazy_kernels("q_sample")
 
 
 _dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
@@ -275,7 +257,7 @@ def _q_sample_multi_backward_op(
         impl = _dispatch.select(OP, grad.device.type, grad, grad, timesteps, alphas_cumprod, sample_major)
     d_z0, d_noise = impl.backward(grad.contiguous(), timesteps, alphas_cumprod, batch, sample_major, shared_noise,
                                   list(needs))
-    return d_z0 if needs[0] else grad.new_empty(0), d_noise if needs[1] else grad.new_empty(0)
+    return fresh_outputs((d_z0, d_noise), needs, grad, (grad, timesteps, alphas_cumprod))
 
 
 @_q_sample_multi_backward_op.register_fake

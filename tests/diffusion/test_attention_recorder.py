@@ -54,13 +54,7 @@ CONFIG_C = dict(
 CONFIGS = {"A": CONFIG_A, "B": CONFIG_B, "C": CONFIG_C}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second torch thread only spins against the other processes here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_unet(config: dict, dtype=torch.float32, seed: int = 0, **extra) -> UNet2DConditionModel:

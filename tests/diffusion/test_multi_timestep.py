@@ -52,13 +52,7 @@ def tiny_vae(seed: int = 1):
     return vae.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two torch threads on a shared 2-core machine spin against other processes.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

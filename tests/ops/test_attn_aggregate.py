@@ -10,7 +10,8 @@ import fastdense
 from fastdense.ops import _attn_aggregate_torch, reference
 from fastdense.ops.attn_aggregate import OP, attn_mask_aggregate
 
-from _backends import backend_params, device_for
+from _backends import (assert_compiled_matches_eager, assert_within_twice_the_reference_error, backend_params,
+                       device_for)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,17 +208,7 @@ def test_torch_compile_fullgraph_matches_eager():
         out = attn_mask_aggregate(q, k, m_ca, i["scale"])
         return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [i["q"], i["k"], i["m_ca"]]
-    eager_args = [t.clone().requires_grad_(True) for t in leaves]
-    comp_args = [t.clone().requires_grad_(True) for t in leaves]
-    loss_e = f(*eager_args)
-    loss_c = compiled(*comp_args)
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, b in zip(comp_args, eager_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(f, [i["q"], i["k"], i["m_ca"]])
 
 
 def test_m_ca_in_another_dtype_is_cast_like_the_reference():
@@ -295,9 +286,4 @@ def test_low_precision_error_within_twice_the_reference_error(backend, dtype, ca
         out, grads = run(attn_mask_aggregate, low, case, grad32.to(dtype), lse=lse)
     assert out.dtype == dtype
 
-    def err(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
-    assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-3
-    for name in ref32_grads:
-        assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-3, name
+    assert_within_twice_the_reference_error((out, grads), (ref32, ref32_grads), (ref_low, ref_low_grads), 1e-3)

@@ -12,7 +12,7 @@ from fastdense import _triton
 from fastdense.ops import reference
 from fastdense.ops.dtf import OP, OP_DTF, dynamic_task_filter, ta_lora_dtf
 
-from _backends import backend_params, device_for
+from _backends import assert_compiled_matches_eager, backend_params, device_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,15 +270,7 @@ def test_torch_compile_fullgraph_matches_eager():
         out = fused_fn(case, dict(d, **dict(zip(names, tensors))))
         return (out * out).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    eager_args = [d[k].clone().requires_grad_(True) for k in names]
-    comp_args = [d[k].clone().requires_grad_(True) for k in names]
-    le, lc = loss(*eager_args), compiled(*comp_args)
-    le.backward()
-    lc.backward()
-    torch.testing.assert_close(lc, le)
-    for a, b in zip(comp_args, eager_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(loss, [d[k] for k in names])
 
 
 def test_shared_input_dynamic_gives_equal_task_updates():

@@ -10,7 +10,8 @@ import fastdense
 from fastdense.ops import reference
 from fastdense.ops.lora import OP, mt_lora_linear, lora_linear
 
-from _backends import backend_params, device_for
+from _backends import (assert_compiled_matches_eager, assert_within_twice_the_reference_error, backend_params,
+                       device_for)
 
 GRAD_ARGS = ("x", "weight", "bias", "lora_a", "lora_b", "x_lora", "x_tasks")
 
@@ -176,17 +177,7 @@ def test_torch_compile_fullgraph_matches_eager():
                              shared_in_tasks=True)
         return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [i["x"], i["lora_a"], i["lora_b"]]
-    eager_args = [t.clone().requires_grad_(True) for t in leaves]
-    comp_args = [t.clone().requires_grad_(True) for t in leaves]
-    loss_e = f(*eager_args)
-    loss_c = compiled(*comp_args)
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, b in zip(comp_args, eager_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(f, [i["x"], i["lora_a"], i["lora_b"]])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -288,12 +279,7 @@ def test_low_precision_error_within_twice_the_reference_error(backend, dtype, ca
     with fastdense.ops.backend(backend):
         out, grads = run(mt_lora_linear, low, case, grad32.to(dtype))
 
-    def err(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
-    assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-3
-    for name in ref32_grads:
-        assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-3, name
+    assert_within_twice_the_reference_error((out, grads), (ref32, ref32_grads), (ref_low, ref_low_grads), 1e-3)
 
 
 def test_autocast_runs_in_the_autocast_dtype():

@@ -10,7 +10,7 @@ import fastdense
 from fastdense.ops import reference
 from fastdense.ops.timesteps import OP, q_sample_multi
 
-from _backends import backend_params, device_for
+from _backends import assert_compiled_matches_eager, backend_params, device_for
 
 T_TRAIN = 1000
 
@@ -189,15 +189,7 @@ def test_torch_compile_fullgraph_matches_eager():
         out = q_sample_multi(z, e, ts, alphas, "sample")
         return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager_args = [t.clone().requires_grad_(True) for t in (z0, noise)]
-    comp_args = [t.clone().requires_grad_(True) for t in (z0, noise)]
-    loss_e, loss_c = f(*eager_args), compiled(*comp_args)
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, b in zip(comp_args, eager_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(f, [z0, noise])
 
 
 @pytest.mark.parametrize("backend", backend_params(OP))

@@ -10,7 +10,8 @@ import fastdense
 from fastdense.ops import reference
 from fastdense.ops.skill_adapter import OP, skill_gated_transform
 
-from _backends import backend_params, device_for
+from _backends import (assert_compiled_matches_eager, assert_within_twice_the_reference_error, backend_params,
+                       device_for)
 
 NAMES = ("x", "w_down", "w_up", "skills", "w_gamma", "w_beta")
 
@@ -165,16 +166,7 @@ def test_torch_compile_fullgraph_matches_eager():
         out = skill_gated_transform(*tensors)
         return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager_args = [i[k].clone().requires_grad_(True) for k in NAMES]
-    comp_args = [i[k].clone().requires_grad_(True) for k in NAMES]
-    loss_e = f(*eager_args)
-    loss_c = compiled(*comp_args)
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, b in zip(comp_args, eager_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(f, [i[k] for k in NAMES])
 
 
 @pytest.mark.parametrize("backend", backend_params(OP))
@@ -217,12 +209,7 @@ def test_bfloat16_on_cpu_close_to_fp32(backend):
         out, grads = run(skill_gated_transform, low, grad32.bfloat16())
     assert out.dtype == torch.bfloat16
 
-    def err(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
-    assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-2
-    for name in NAMES:
-        assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-2, name
+    assert_within_twice_the_reference_error((out, grads), (ref32, ref32_grads), (ref_low, ref_low_grads), 1e-2)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -274,9 +261,4 @@ def test_low_precision_error_within_twice_the_reference_error(backend, dtype, ca
     with fastdense.ops.backend(backend):
         out, grads = run(skill_gated_transform, low, grad32.to(dtype))
 
-    def err(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
-    assert err(out, ref32) <= 2 * err(ref_low, ref32) + 1e-3
-    for name in NAMES:
-        assert err(grads[name], ref32_grads[name]) <= 2 * err(ref_low_grads[name], ref32_grads[name]) + 1e-3, name
+    assert_within_twice_the_reference_error((out, grads), (ref32, ref32_grads), (ref_low, ref_low_grads), 1e-3)
