@@ -192,16 +192,16 @@ SUITES: dict[str, Suite] = {
         "Attention-mask aggregation", "M_attn = M_saᵀ M_ca on Stable Diffusion self-attention shapes; "
         "the `sdpa*` columns also compute the attention output and compare with `sdpa+probs`",
         _attn_baseline, "the materialised-softmax reference", _attn_case),
-    "adapters": Suite("TADFormer TA-LoRA with Dynamic Task Filter", "TA-module on Swin-T shapes",
+    "adapters": Suite("TADFormer TA-LoRA with Dynamic Task Filter", "TA-module (T = 4 tasks) on Swin-T shapes",
                       named("tadformer-loop"), "the TADFormer-style per-task eager loop", _swin_case),
-    "skill_adapter": Suite("TDSS skill-gated transform", "on Swin-T shapes", heuristic,
+    "skill_adapter": Suite("TDSS skill-gated transform", "All T = 4 task outputs on Swin-T shapes (R = C/4, M = 10)", heuristic,
                            "the per-task eager loop", _swin_case),
-    "q_sample": Suite("Multi-timestep noising (q_sample_multi)", "k noised latents from one clean latent",
+    "q_sample": Suite("Multi-timestep noising (q_sample_multi)", "The k noised latents of one clean latent",
                       named("diffusers-loop"), "a loop of diffusers' `DDPMScheduler.add_noise`", _q_sample_case),
     "timesteps": Suite("Diffusion features at k timesteps", "U-Net up-block features, one batched pass "
                        "against one pass per timestep", named("sequential-unet"),
                        "the per-timestep diffusers U-Net loop", _timesteps_case),
-    "tts": Suite("Task-aware timestep selection round", "one selection round next to a training step; "
+    "tts": Suite("Task-aware timestep selection round", "One selection round next to a training step; "
                  "in parentheses the round's median share of the training step timed before it",
                  lambda impl, present: None, "", lambda r: r["case"], ("round_over_step_pct", "{v:.1f} % of a step")),
     "synthetic": Suite("SyntheticScenes throughput", "images generated per second, all 12 tasks per image",
