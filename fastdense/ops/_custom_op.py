@@ -45,3 +45,19 @@ def fresh_outputs(
         seen.append(g)
         out.append(g)
     return tuple(out)
+
+
+def autocast_inputs(*tensors):
+    """``tensors`` with every floating tensor cast to the autocast dtype when
+    autocast is on for the first tensor's device, else unchanged.
+
+    The public functions run their op like ``nn.Linear`` and SDPA do under
+    autocast: in the autocast dtype, whatever the dtypes of the (fp32)
+    parameters and the incoming activation. A first argument that is not a
+    tensor is left for the argument checks to reject.
+    """
+    lead = tensors[0]
+    if not isinstance(lead, torch.Tensor) or not torch.is_autocast_enabled(lead.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(lead.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

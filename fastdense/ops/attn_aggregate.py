@@ -32,7 +32,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
-from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
 from fastdense.ops._validate import shape_str
 
 OP = "attn_mask_aggregate"
@@ -224,11 +224,7 @@ def attn_mask_aggregate(
     """
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        # Like SDPA under autocast: run in the autocast dtype.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, m_ca = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                      for t in (q, k, m_ca))
+    q, k, m_ca = autocast_inputs(q, k, m_ca)
     check_args(q, k, m_ca, scale, lse, head_reduce)
     acc = _attn_aggregate_torch.acc_dtype(q.dtype)
     if lse is not None:

@@ -36,7 +36,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _dtf_torch, reference
-from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
 from fastdense.ops._validate import check_same_dtype_device, shape_str
 from fastdense.ops._dtf_torch import Geometry, Kernels
 
@@ -373,15 +373,6 @@ _dtf_op.register_autograd(_dtf_backward, setup_context=_dtf_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def _autocast(*tensors):
-    lead = next(t for t in tensors if isinstance(t, torch.Tensor))
-    if not torch.is_autocast_enabled(lead.device.type):
-        return tensors
-    # Like nn.Linear under autocast: the whole module runs in the autocast dtype.
-    dtype = torch.get_autocast_dtype(lead.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
-
-
 def _contig(t):
     return None if t is None else t.contiguous()
 
@@ -418,7 +409,7 @@ def ta_lora_dtf(
     """
     if filter not in FILTERS:
         raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
-    f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias = _autocast(
+    f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias = autocast_inputs(
         f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
     for name, t in (("f", f), ("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
         _check_tensor(name, t)
@@ -483,7 +474,7 @@ def dynamic_task_filter(
     h: (S, N, r) tokens of an H × W map (N = H·W); returns out (S, N, r), and
     with ``return_theta`` also θ (S, n_windows, r, k, k) (differentiable).
     """
-    h, phi_weight, phi_bias, fn_std, fn_mean = _autocast(h, phi_weight, phi_bias, fn_std, fn_mean)
+    h, phi_weight, phi_bias, fn_std, fn_mean = autocast_inputs(h, phi_weight, phi_bias, fn_std, fn_mean)
     _check_tensor("h", h)
     if h.dim() != 3:
         raise ValueError(f"h must have shape (S, N, r), got {shape_str(h)}")

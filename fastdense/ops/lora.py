@@ -25,7 +25,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _lora_torch, reference
-from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
 from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "mt_lora_linear"
@@ -237,13 +237,8 @@ def mt_lora_linear(
     """
     ranks = [int(r) for r in ranks]
     scales = [float(s) for s in scales]
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        # Like nn.Linear under autocast: run in the autocast dtype, whatever the
-        # dtypes of the (fp32) parameters and the incoming activation.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_a, lora_b, x_lora, x_tasks = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_a, lora_b, x_lora, x_tasks))
+    x, weight, bias, lora_a, lora_b, x_lora, x_tasks = autocast_inputs(
+        x, weight, bias, lora_a, lora_b, x_lora, x_tasks)
     check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora, x_tasks)
     lead = x.shape[:-1]
     k = x.shape[-1]

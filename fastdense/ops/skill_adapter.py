@@ -38,7 +38,7 @@ import torch
 
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch, _skill_adapter_torch, reference
-from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
 from fastdense.ops._validate import check_same_dtype_device, shape_str
 
 OP = "skill_gated_transform"
@@ -205,13 +205,7 @@ def skill_gated_transform(
     task t's lateral feature x^t. GELU is the exact (erf) one. See the module
     docstring for what is saved for backward.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        # Like nn.Linear under autocast: run in the autocast dtype, whatever the
-        # dtypes of the (fp32) parameters and the incoming activation.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_down, w_up, skills, w_gamma, w_beta = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, w_down, w_up, skills, w_gamma, w_beta))
+    x, w_down, w_up, skills, w_gamma, w_beta = autocast_inputs(x, w_down, w_up, skills, w_gamma, w_beta)
     check_args(x, w_down, w_up, skills, w_gamma, w_beta)
     lead = x.shape[:-1]
     c = x.shape[-1]
