@@ -15,25 +15,9 @@ from fastdense.diffusion import MultiTimestepFeatures, TimestepFeatureCache, bat
 
 diffusers = pytest.importorskip("diffusers")
 
-CROSS_DIM = 32
+from _tiny_unet import CROSS_DIM, tiny_unet  # noqa: E402  (after the diffusers check)
+
 ATOL = RTOL = 1e-4
-
-
-def tiny_unet(seed: int = 0):
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    return unet.eval()
 
 
 def tiny_vae(seed: int = 1):

@@ -21,43 +21,22 @@ from fastdense.nn.timestep_selection import feature_similarity
 
 diffusers = pytest.importorskip("diffusers")
 
+from _tiny_unet import tiny_unet  # noqa: E402  (after the diffusers check)
+
 BATCH, LATENT, DIM, HEADS = 2, 16, 32, 4
 INITIAL = (1, 100, 200, 300)
 # The tiny U-Net's last-block features of far-apart timesteps have cosine
 # similarity ~0.5-0.97; this threshold lets some candidates through and
 # rejects others, so both branches of Alg. 1 line 12 run.
 TAU = 0.9
-UNET_CONFIG = dict(
-    sample_size=LATENT,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two torch threads on a shared 2-core machine spin against other processes.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(**UNET_CONFIG).eval().requires_grad_(False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet()
+    return tiny_unet().requires_grad_(False)
 
 
 class TTSHead(nn.Module):
