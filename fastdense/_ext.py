@@ -89,3 +89,15 @@ def machine_reasons(device_reasons, dispatch_key: str, *ops: str):
         return device_reasons() or [r for op in ops for r in kernel_reasons(op, dispatch_key)]
 
     return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def limits() -> dict:
+    """The kernel limits the compiled extension exports ({} when it is not loaded or predates them)."""
+    fn = getattr(_C, "limits", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def limit(key: str):
+    """One exported kernel limit, or None when the extension does not report it."""
+    return limits().get(key)

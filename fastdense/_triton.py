@@ -31,6 +31,24 @@ def machine_reasons() -> list[str]:
     return []
 
 
+def machine_reasons_for(module: str):
+    """:func:`machine_reasons`, plus whether ``fastdense.kernels.<module>`` is installed."""
+    def reasons() -> list[str]:
+        out = machine_reasons()
+        if not out and _kernels_missing(module):
+            out.append(f"fastdense.kernels.{module} is not installed")
+        return out
+
+    return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"fastdense.kernels.{module}") is None
+
+
 def device_reasons(*tensors) -> list[str]:
     """Triton runs CUDA tensors, or CPU tensors in the interpreter (no bf16 there)."""
     import torch
@@ -48,16 +66,6 @@ def device_reasons(*tensors) -> list[str]:
             continue
         reasons.append(f"tensor on {t.device.type} (Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU)")
         break
-    return reasons
-
-
-def input_reasons(x) -> list[str]:
-    """Why the Triton kernels cannot take ``x``: its device (:func:`device_reasons`) and dtype."""
-    import torch
-
-    reasons = device_reasons(x)
-    if x.dtype == torch.float64:
-        reasons.append("triton kernels support float32/float16/bfloat16, not float64")
     return reasons
 
 

@@ -15,7 +15,7 @@ adjoint d_pooled / count) and the recomputed θ ⊛ h for dB; ``_dtheta_kernel``
 reduces the window's pixels for every tap and channel, slices of the pixels
 per program added atomically in fp32, as does ``_gap_kernel`` for the pool of
 phase 1. The GEMMs (down-projection, dF, dA, dB) go to cuBLAS; the filter
-generation (phase 2) is a few tiny PyTorch ops (fastdense/ops/_dtf_torch.py).
+generation (phase 2) is a few tiny PyTorch ops (fastdense/ops/_dtf_phases.py).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdense._triton import interpreting as _interpreting
-from fastdense.ops import _dtf_torch
+from . import _launch
+from ._launch import interpreting as _interpreting, launch
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -216,10 +216,10 @@ def _reduction_grid(samples: int, g, device) -> tuple[int, int, int]:
     """(programs per window, pixels per program): enough programs to fill the GPU, or one per window."""
     windows = max(1, samples * g.n_windows)
     pixels = g.wh * g.ww
-    if _interpreting() or device.type != "cuda":
+    if _interpreting():
         parts = 1
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _launch.sm_count(device)
         parts = max(1, min(-(-4 * sms // windows), pixels // 256 or 1))
     chunk = -(-pixels // parts)
     return parts, chunk, 16 if _interpreting() else 64
@@ -230,7 +230,7 @@ def gap(h: torch.Tensor, g) -> torch.Tensor:
     pooled = torch.zeros((s, g.n_windows, r), device=h.device, dtype=torch.float32)
     parts, chunk, block_p = _reduction_grid(s, g, h.device)
     if h.numel():
-        _gap_kernel[(s * g.n_windows, parts)](h, pooled, *_geo_args(g), g.n_windows, r, chunk,
+        launch(_gap_kernel, (s * g.n_windows, parts), h, pooled, *_geo_args(g), g.n_windows, r, chunk,
                                               BLOCK_P=block_p, R_PAD=_pow2(r, 2))
     return pooled.to(h.dtype)
 
@@ -241,8 +241,8 @@ def _conv(src, theta, g, k, sign, d_pooled=None):
     out = torch.empty_like(src)
     block_m = _block_m()
     if src.numel():
-        _conv_kernel[(triton.cdiv(n, block_m), s)](
-            src, theta, d_pooled if d_pooled is not None else src, out, n, *_geo_args(g), g.n_windows, r,
+        launch(
+            _conv_kernel, (triton.cdiv(n, block_m), s), src, theta, d_pooled if d_pooled is not None else src, out, n, *_geo_args(g), g.n_windows, r,
             theta.stride(0), theta.stride(1), K=k, SIGN=sign, HAS_DP=d_pooled is not None, BLOCK_M=block_m,
             R_PAD=_pow2(r, 2))
     return out
@@ -261,14 +261,14 @@ def dwconv_dtheta(grad, h, g, k):
     out = torch.zeros((s, g.n_windows, r, k * k), device=h.device, dtype=torch.float32)
     parts, chunk, block_p = _reduction_grid(s, g, h.device)
     if h.numel():
-        _dtheta_kernel[(s * g.n_windows, parts)](grad.contiguous(), h.contiguous(), out, *_geo_args(g), g.n_windows,
+        launch(_dtheta_kernel, (s * g.n_windows, parts), grad.contiguous(), h.contiguous(), out, *_geo_args(g), g.n_windows,
                                                  r, chunk, K=k, KK_PAD=_pow2(k * k, 2), BLOCK_P=block_p,
                                                  R_PAD=_pow2(r, 2))
     return out.to(h.dtype)
 
 
 def conv_up_add(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
-    """Phase 3 fused: out[t] = base + s · (θ ⊛ h (+ bias_t)) Bᵀ (contract: _dtf_torch.conv_up_add)."""
+    """Phase 3 fused: out[t] = base + s · (θ ⊛ h (+ bias_t)) Bᵀ (contract: fastdense.ops._dtf_phases.conv_up_add)."""
     samples, n, r = h.shape
     m, cout = out.shape[1], out.shape[2]
     batch = m // n
@@ -278,13 +278,53 @@ def conv_up_add(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
     block_n = 16 if _interpreting() else 64
     precision = "ieee" if h.dtype == torch.float32 else "tf32"
     if out.numel():
-        _conv_up_add_kernel[(triton.cdiv(n, block_m), samples)](
-            h.contiguous(), theta, lora_b.contiguous(), bias if bias is not None else h, base, out,
+        launch(
+            _conv_up_add_kernel, (triton.cdiv(n, block_m), samples), h.contiguous(), theta, lora_b.contiguous(), bias if bias is not None else h, base, out,
             n, *_geo_args(g), r, cout, batch, tasks, m, m * cout if base.shape[0] > 1 else 0,
             theta.stride(0), theta.stride(1), float(scale),
             K=k, SHARED=shared, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=_pow2(r),
             DOT_PRECISION=precision)
 
 
-KERNELS = _dtf_torch.Kernels(gap=gap, dwconv_forward=dwconv_forward, dwconv_dh=dwconv_dh,
-                             dwconv_dtheta=dwconv_dtheta, conv_up_add=conv_up_add)
+
+def compile_specs(g, samples: int, rank: int, dtype, *, kernel_size: int = 3, tasks: int = 1,
+                  out_features: int = 0, shared: bool = False, static_bias: bool = False,
+                  phases=("gap", "dwconv_forward", "dwconv_dh", "dwconv_dh_pooled", "dwconv_dtheta",
+                          "conv_up_add")) -> list:
+    """What the phase launchers above would compile on a GPU for one problem.
+
+    ``g``: the window geometry (fastdense.ops._dtf_phases.Geometry or anything
+    with its fields); ``samples`` conv samples (tasks x batch, or the batch when
+    ``shared``) of g.tokens tokens and ``rank`` channels. conv_up_add writes
+    ``tasks`` outputs of ``out_features`` channels; ``shared``: one map for all
+    tasks; ``static_bias``: the static filter's per-task bias. Runs the
+    launchers on meta tensors (see fastdense.kernels._launch).
+    """
+    import torch
+
+    meta = _launch.meta_tensor
+    k = kernel_size
+    n = g.tokens
+    h = meta(samples, n, rank, dtype=dtype)
+    theta = meta(samples, g.n_windows, rank, k * k, dtype=dtype)
+    with _launch.recording() as launches:
+        if "gap" in phases:
+            gap(h, g)
+        if "dwconv_forward" in phases:
+            dwconv_forward(h, theta, g, k)
+        if "dwconv_dh" in phases:
+            dwconv_dh(h, theta, g, k)
+        if "dwconv_dh_pooled" in phases:
+            dwconv_dh(h, theta, g, k, meta(samples, g.n_windows, rank, dtype=dtype))
+        if "dwconv_dtheta" in phases:
+            dwconv_dtheta(h, h, g, k)
+        if "conv_up_add" in phases:
+            batch = samples if shared else samples // tasks
+            cout = out_features
+            base = meta(tasks, batch * n, cout, dtype=dtype)
+            out = meta(tasks, batch * n, cout, dtype=dtype)
+            bias = meta(tasks, rank, dtype=dtype) if static_bias else None
+            conv_up_add(h, theta, g, k, meta(cout, rank, dtype=dtype), 1.0, base, bias, tasks, out)
+    case = (f"dtf S={samples} {g.height}x{g.width} win={g.wh}x{g.ww} r={rank} k={k} T={tasks} "
+            f"Cout={out_features}{' shared' if shared else ''}{' bias' if static_bias else ''}")
+    return _launch.specs(launches, case)

@@ -3,8 +3,8 @@ TA-module and Dynamic Task Filter, TDSS's skill adapter, timestep selection (TTS
 and timestep feature consolidation (TFC)."""
 from fastdense.nn.inject import inject_lora, lora_parameters, mark_only_lora_trainable
 from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
-from fastdense.nn.skill_adapter import TaskDynamicSkillAdapter
-from fastdense.nn.task_filter import DynamicTaskFilter, FilterNorm, StaticTaskFilter, TaskAwareLoRALinear
+from fastdense.nn.skill_gated_transform import TaskDynamicSkillAdapter
+from fastdense.nn.dtf import DynamicTaskFilter, FilterNorm, StaticTaskFilter, TaskAwareLoRALinear
 from fastdense.nn.timestep_consolidation import TimestepFeatureConsolidation
 from fastdense.nn.timestep_selection import TaskAwareTimestepSelector
 

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch.nn as nn
 
 from fastdense.nn.lora import LoRALinear, MultiTaskLoRALinear
-from fastdense.nn.task_filter import TaskAwareLoRALinear
+from fastdense.nn.dtf import TaskAwareLoRALinear
 
 __all__ = ["inject_lora", "lora_parameters", "mark_only_lora_trainable"]
 

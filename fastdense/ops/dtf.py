@@ -7,7 +7,7 @@ tasks in one call,
 
 with the frozen layer's output Φ(f_t) passed in (``base_out``), the Dynamic
 Task Filter (φ, FilterNorm) shared by the tasks (fastdense's reading, see
-/work/shared/reference.md), or the per-task static depthwise filter of the
+docs/paper-decisions.md), or the per-task static depthwise filter of the
 released code (``NaiveConvFilter``) with ``filter="static"``.
 ``dynamic_task_filter`` is the DTF alone, θ ⊛ h on tokens h.
 
@@ -22,28 +22,24 @@ Tensor contract of the operators (the public functions below normalise shapes):
     -> out (T, B, N, C_o), and for backward h = f Aᵀ (T_f, B, N, r), theta, pooled,
        normed (T_f·B, n_win, r, k²), denom (T_f·B, n_win, r, 1) (empty for the static filter)
 
-Backends: cuda (raw CUDA depthwise-conv kernels, csrc/cuda/dtf_dwconv.cu),
+Backends: cuda (raw CUDA depthwise-conv and reduction kernels, csrc/cuda/dtf.cu),
 triton (kernels/dtf.py: conv + up-projection + add fused), cpp (csrc/cpu/dtf.cpp),
-torch (fastdense/ops/_dtf_torch.py, the grouped-conv formulation). They share the
-orchestration of ``_dtf_torch`` and differ in the phase kernels.
+torch (fastdense/ops/_dtf_phases.py, the grouped-conv formulation). They share the
+orchestration of ``_dtf_phases`` and differ in the phase kernels.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from fastdense import _ext, _triton
-from fastdense.ops import _dispatch, _dtf_torch, reference
-from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
+from fastdense import _triton
+from fastdense.ops import _dtf_phases
+from fastdense.ops._define import (FLOATING, GPU_FLOATING, Backend, Limit, autocast_inputs, cpp_backend,
+                                   cuda_backend, define_op, ext_limit, torch_backend)
 from fastdense.ops._validate import check_same_dtype_device, shape_str
-from fastdense.ops._dtf_torch import Geometry, Kernels
 
-OP = "ta_lora_dtf"
-OP_DTF = "dynamic_task_filter"
 FILTERS = ("dynamic", "static")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -54,7 +50,7 @@ def _check_tensor(name, t, optional=False):
         raise TypeError(f"{name} must be a torch.Tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOATING:
         raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
 
 
@@ -79,7 +75,7 @@ def _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, kernel_size)
         _check_tensor(name, t, optional=opt)
     if phi_weight.dim() != 2 or phi_weight.shape[1] != r:
         raise ValueError(f"phi_weight must have shape (r·k², r={r}), got {shape_str(phi_weight)}")
-    k = _dtf_torch.isqrt_kernel(phi_weight.shape[0], r)
+    k = _dtf_phases.isqrt_kernel(phi_weight.shape[0], r)
     if k == 0:
         raise ValueError(f"phi_weight must have r·k² = {r}·k² rows for a square kernel, got {shape_str(phi_weight)}")
     if kernel_size is not None and kernel_size != k:
@@ -108,133 +104,42 @@ def _check_static_params(tasks, r, static_weight, static_bias, kernel_size) -> i
     return k
 
 
-# ----------------------------------------------------------------------------- backends
-def _torch_kernels() -> Kernels:
-    return _dtf_torch.TORCH_KERNELS
+# ----------------------------------------------------------------------------- backends and operators
+def _backends(forward, backward, kernel_size, rank):
+    """The four backends of one operator: the shared orchestration over each backend's phase kernels.
+
+    ``kernel_size``/``rank`` read k and r off the operator's arguments, for the
+    CUDA kernels' limits (k is a template parameter; r bounds a per-thread array).
+    """
+    def pair(name):
+        return _dtf_phases.bind(forward, name), _dtf_phases.bind(backward, name)
+
+    return (
+        torch_backend(*pair("torch")),
+        cpp_backend(*pair("cpp"), kernels=_EXT_KERNELS, dtypes=(torch.float32, torch.float64)),
+        cuda_backend(*pair("cuda"), kernels=_EXT_KERNELS, limits=(
+            Limit("kernel sizes k", kernel_size, allowed=ext_limit("dtf_cuda_kernel_sizes")),
+            Limit("rank r", rank, maximum=ext_limit("dtf_cuda_max_rank")),
+        )),
+        Backend("triton", *pair("triton"), device="triton", dtypes=GPU_FLOATING,
+                machine=_triton.machine_reasons_for("dtf")),
+    )
 
 
-def _ext_kernels() -> Kernels:
-    """Phase kernels of fastdense._C (CPU: csrc/cpu/dtf.cpp; CUDA: csrc/cuda/dtf_dwconv_bind.cpp)."""
-    ops = torch.ops.fastdense
-
-    def fwd(h, theta, g: Geometry, k):
-        return ops._dtf_dwconv_fwd(h, theta, g.height, g.width, _window_arg(g))
-
-    def dh(grad, theta, g: Geometry, k, d_pooled=None):
-        return ops._dtf_dwconv_dh(grad, theta, g.height, g.width, _window_arg(g), d_pooled)
-
-    def dtheta(grad, h, g: Geometry, k):
-        return ops._dtf_dwconv_dtheta(grad, h, g.height, g.width, _window_arg(g), k)
-
-    def conv_up_add(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
-        _dtf_torch.up_add(fwd(h, theta, g, k), bias, lora_b, scale, base, tasks, out)
-
-    def gap(h, g: Geometry):
-        return ops._dtf_gap(h, g.height, g.width, _window_arg(g))
-
-    return Kernels(gap=gap, dwconv_forward=fwd, dwconv_dh=dh, dwconv_dtheta=dtheta, conv_up_add=conv_up_add)
+_EXT_KERNELS = ("_dtf_gap", "_dtf_dwconv_fwd", "_dtf_dwconv_dh", "_dtf_dwconv_dtheta")
+_FILTER_OUTPUTS = "Tensor theta, Tensor pooled, Tensor normed, Tensor denom"
 
 
-def _window_arg(g: Geometry) -> int:
-    # Kernels take the window edge; a window covering the map is 0. Windows are square.
-    return 0 if (g.nh == 1 and g.nw == 1) else max(g.wh, g.ww)
-
-
-def _triton_kernels() -> Kernels:
-    from fastdense.kernels import dtf as kernels
-
-    return kernels.KERNELS
-
-
-_KERNELS = {"torch": _torch_kernels, "cpp": _ext_kernels, "cuda": _ext_kernels, "triton": _triton_kernels}
-_EXT_OPS = ("_dtf_gap", "_dtf_dwconv_fwd", "_dtf_dwconv_dh", "_dtf_dwconv_dtheta")
-
-
-def _first_tensor(args):
-    return args[0]
-
-
-def _cpp_input_reasons(*args) -> list[str]:
-    return _dispatch.device_dtype_reasons("cpp", _first_tensor(args), "cpu", (torch.float32, torch.float64))
-
-
-# Limits of the CUDA kernels (csrc/cuda/dtf_dwconv.h): a (sample, window) tile
-# with its halo is staged in shared memory, and k is a template parameter.
-CUDA_KERNEL_SIZES = (3, 5, 7)
-
-
-def _kernel_size_of(args, op) -> int:
-    if op == OP:
-        ks = args[8]
-    else:
-        ks = args[3]
-    return ks
-
-
-def _cuda_input_reasons_for(op):
-    def reasons(*args) -> list[str]:
-        x = _first_tensor(args)
-        if x.device.type != "cuda":
-            return [f"cuda runs CUDA tensors, got {x.device.type}"]
-        out = []
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            out.append(f"cuda supports float32/float16/bfloat16, got {x.dtype}")
-        k = _kernel_size_of(args, op)
-        if k not in CUDA_KERNEL_SIZES:
-            out.append(f"cuda supports kernel sizes {CUDA_KERNEL_SIZES}, got {k}")
-        return out
-    return reasons
-
-
-def _triton_input_reasons(*args) -> list[str]:
-    return _triton.input_reasons(_first_tensor(args))
-
-
-def _register(op: str, forward, backward) -> None:
-    def bind(fn, name):
-        return lambda *args: fn(*args, kernels=_KERNELS[name]())
-
-    _dispatch.register(op, "torch", forward=bind(forward, "torch"), backward=bind(backward, "torch"))
-    _dispatch.register(op, "cpp", forward=bind(forward, "cpp"), backward=bind(backward, "cpp"),
-                       machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
-                       input_reasons=_cpp_input_reasons)
-    _dispatch.register(op, "cuda", forward=bind(forward, "cuda"), backward=bind(backward, "cuda"),
-                       machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
-                       input_reasons=_cuda_input_reasons_for(op))
-    _dispatch.register(op, "triton", forward=bind(forward, "triton"), backward=bind(backward, "triton"),
-                       machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
-
-
-_register(OP, _dtf_torch.forward, _dtf_torch.backward)
-_register(OP_DTF, _dtf_torch.dtf_forward, _dtf_torch.dtf_backward)
-
-
-# ----------------------------------------------------------------------------- helpers for both operators
 def _filter_shapes(samples, hw, window, r, k, dynamic):
-    nwin = _dtf_torch.num_windows(hw, window)
+    """Shapes of (theta, pooled, normed, denom); empty for the static filter."""
+    nwin = _dtf_phases.num_windows(hw, window)
     if not dynamic:
         return (0,), (0,), (0,), (0,)
     return (samples, nwin, r, k * k), (samples, nwin, r), (samples, nwin, r, k * k), (samples, nwin, r, 1)
 
 
-# ----------------------------------------------------------------------------- the fused operator
-@torch.library.custom_op("fastdense::ta_lora_dtf", mutates_args=())
-def _ta_lora_dtf_op(
-    f: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-    hw: list[int], window: int, num_tasks: int, kernel_size: int,
-    phi_weight: Optional[torch.Tensor], phi_bias: Optional[torch.Tensor], fn_std: Optional[torch.Tensor],
-    fn_mean: Optional[torch.Tensor], static_weight: Optional[torch.Tensor], static_bias: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (f, base_out, lora_a, lora_b, scale, list(hw), window, num_tasks, kernel_size,
-            phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
-    impl = _dispatch.select(OP, f.device.type, *args)
-    outs = impl.forward(*args)
-    return fresh_outputs(outs, [True] * 6, f, args)  # theta etc. may be empty; never aliases
-
-
-@_ta_lora_dtf_op.register_fake
-def _(f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
-      phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias):
+def _ta_lora_dtf_fake(f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
+                      phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias):
     tf, b, n, _ = f.shape
     r = lora_a.shape[0]
     shapes = _filter_shapes(tf * b, hw, window, r, kernel_size, static_weight is None)
@@ -242,134 +147,40 @@ def _(f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
             *(f.new_empty(s) for s in shapes))
 
 
-@torch.library.custom_op("fastdense::ta_lora_dtf_backward", mutates_args=())
-def _ta_lora_dtf_backward_op(
-    grad: torch.Tensor, f: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-    scale: float, hw: list[int], window: int, num_tasks: int, kernel_size: int,
-    phi_weight: Optional[torch.Tensor], phi_bias: Optional[torch.Tensor], fn_std: Optional[torch.Tensor],
-    fn_mean: Optional[torch.Tensor], static_weight: Optional[torch.Tensor], static_bias: Optional[torch.Tensor],
-    h: torch.Tensor, theta: torch.Tensor, pooled: torch.Tensor, normed: torch.Tensor, denom: torch.Tensor,
-    needs: list[bool], forced: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd_args = (f, base_out, lora_a, lora_b, scale, list(hw), window, num_tasks, kernel_size,
-                phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
-    # `forced` is the backend forced at forward time: autograd may run this on
-    # another thread, which does not see the forward's context.
-    with _dispatch.backend(forced or None):
-        impl = _dispatch.select(OP, f.device.type, *fwd_args)
-    grads = impl.backward(grad.contiguous(), *fwd_args, h, theta, pooled, normed, denom, list(needs))
-    return fresh_outputs(grads, needs, f, (grad, h, theta, pooled, normed, denom, *fwd_args))
+_TA_INPUTS = ("f", "base_out", "lora_a", "lora_b", "scale", "hw", "window", "num_tasks", "kernel_size",
+              "phi_weight", "phi_bias", "fn_std", "fn_mean", "static_weight", "static_bias")
+OP = define_op(
+    "ta_lora_dtf",
+    schema="Tensor f, Tensor base_out, Tensor lora_a, Tensor lora_b, float scale, int[] hw, int window, "
+           "int num_tasks, int kernel_size, Tensor? phi_weight, Tensor? phi_bias, Tensor? fn_std, Tensor? fn_mean, "
+           "Tensor? static_weight, Tensor? static_bias",
+    outputs="Tensor out, Tensor h, " + _FILTER_OUTPUTS,
+    lead="f",
+    differentiable=_dtf_phases.GRAD_NAMES,
+    grad_outputs=("out",),
+    saved=(*_TA_INPUTS, "h", "theta", "pooled", "normed", "denom"),
+    fake=_ta_lora_dtf_fake,
+    backends=_backends(_dtf_phases.forward, _dtf_phases.backward,
+                       kernel_size=lambda *a: a[8], rank=lambda f, base_out, lora_a, *rest: lora_a.shape[0]),
+)
 
-
-@_ta_lora_dtf_backward_op.register_fake
-def _(grad, f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
-      phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias, h, theta, pooled, normed, denom,
-      needs, forced):
-    inputs = (f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
-    return tuple(t.new_empty(t.shape) if (need and t is not None) else f.new_empty(0)
-                 for t, need in zip(inputs, needs))
-
-
-def _setup_context(ctx, inputs, output):
-    (f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
-     phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias) = inputs
-    _, h, theta, pooled, normed, denom = output
-    ctx.save_for_backward(f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean,
-                          static_weight, static_bias, h, theta, pooled, normed, denom)
-    ctx.config = (float(scale), list(hw), int(window), int(num_tasks), int(kernel_size))
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.forced = _dispatch.forced_backend() or ""
-
-
-def _backward(ctx, grad_out, *unused):
-    (f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias,
-     h, theta, pooled, normed, denom) = ctx.saved_tensors
-    scale, hw, window, num_tasks, kernel_size = ctx.config
-    nig = ctx.needs_input_grad
-    tensors = (f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
-    index = (0, 1, 2, 3, 9, 10, 11, 12, 13, 14)
-    needs = [t is not None and bool(nig[i]) for t, i in zip(tensors, index)]
-    grads = torch.ops.fastdense.ta_lora_dtf_backward(
-        grad_out, f, base_out, lora_a, lora_b, scale, hw, window, num_tasks, kernel_size,
-        phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias, h, theta, pooled, normed, denom,
-        needs, ctx.forced)
-    g = [gr if need else None for gr, need in zip(grads, needs)]
-    return (g[0], g[1], g[2], g[3], None, None, None, None, None, g[4], g[5], g[6], g[7], g[8], g[9])
-
-
-_ta_lora_dtf_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- the DTF alone
-@torch.library.custom_op("fastdense::dynamic_task_filter", mutates_args=())
-def _dtf_op(
-    h: torch.Tensor, hw: list[int], window: int, kernel_size: int, phi_weight: torch.Tensor,
-    phi_bias: Optional[torch.Tensor], fn_std: torch.Tensor, fn_mean: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean)
-    impl = _dispatch.select(OP_DTF, h.device.type, *args)
-    outs = impl.forward(*args)
-    return fresh_outputs(outs, [True] * 5, h, args)
-
-
-@_dtf_op.register_fake
-def _(h, hw, window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean):
-    s, _, r = h.shape
-    shapes = _filter_shapes(s, hw, window, r, kernel_size, True)
-    return (h.new_empty(h.shape), *(h.new_empty(sh) for sh in shapes))
-
-
-@torch.library.custom_op("fastdense::dynamic_task_filter_backward", mutates_args=())
-def _dtf_backward_op(
-    grad: torch.Tensor, grad_theta: Optional[torch.Tensor], h: torch.Tensor, hw: list[int], window: int,
-    kernel_size: int, phi_weight: torch.Tensor, phi_bias: Optional[torch.Tensor], fn_std: torch.Tensor,
-    fn_mean: Optional[torch.Tensor], theta: torch.Tensor, pooled: torch.Tensor, normed: torch.Tensor,
-    denom: torch.Tensor, needs: list[bool], forced: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd_args = (h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean)
-    with _dispatch.backend(forced or None):
-        impl = _dispatch.select(OP_DTF, h.device.type, *fwd_args)
-    grads = impl.backward(grad.contiguous(), None if grad_theta is None else grad_theta.contiguous(),
-                          h, list(hw), window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean,
-                          theta, pooled, normed, denom, list(needs))
-    return fresh_outputs(grads, needs, h,
-                         (grad, grad_theta, h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom))
-
-
-@_dtf_backward_op.register_fake
-def _(grad, grad_theta, h, hw, window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean,
-      theta, pooled, normed, denom, needs, forced):
-    inputs = (h, phi_weight, phi_bias, fn_std, fn_mean)
-    return tuple(t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0)
-                 for t, need in zip(inputs, needs))
-
-
-def _dtf_setup_context(ctx, inputs, output):
-    h, hw, window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean = inputs
-    _, theta, pooled, normed, denom = output
-    ctx.save_for_backward(h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom)
-    ctx.config = (list(hw), int(window), int(kernel_size))
-    ctx.mark_non_differentiable(pooled, normed, denom)
-    ctx.forced = _dispatch.forced_backend() or ""
-
-
-def _dtf_backward(ctx, grad_out, grad_theta, *unused):
-    h, phi_weight, phi_bias, fn_std, fn_mean, theta, pooled, normed, denom = ctx.saved_tensors
-    hw, window, kernel_size = ctx.config
-    nig = ctx.needs_input_grad
-    tensors = (h, phi_weight, phi_bias, fn_std, fn_mean)
-    needs = [t is not None and bool(nig[i]) for t, i in zip(tensors, (0, 4, 5, 6, 7))]
-    if grad_out is None:
-        grad_out = torch.zeros_like(h)
-    grads = torch.ops.fastdense.dynamic_task_filter_backward(
-        grad_out, grad_theta, h, hw, window, kernel_size, phi_weight, phi_bias, fn_std, fn_mean,
-        theta, pooled, normed, denom, needs, ctx.forced)
-    g = [gr if need else None for gr, need in zip(grads, needs)]
-    return g[0], None, None, None, g[1], g[2], g[3], g[4]
-
-
-_dtf_op.register_autograd(_dtf_backward, setup_context=_dtf_setup_context)
+# θ is an output a caller may differentiate (``return_theta``): its gradient joins the backward.
+OP_DTF = define_op(
+    "dynamic_task_filter",
+    schema="Tensor h, int[] hw, int window, int kernel_size, Tensor phi_weight, Tensor? phi_bias, Tensor fn_std, "
+           "Tensor? fn_mean",
+    outputs="Tensor out, " + _FILTER_OUTPUTS,
+    lead="h",
+    differentiable=_dtf_phases.DTF_GRAD_NAMES,
+    grad_outputs=("out", "theta?"),
+    saved=("h", "hw", "window", "kernel_size", "phi_weight", "phi_bias", "fn_std", "fn_mean",
+           "theta", "pooled", "normed", "denom"),
+    fake=lambda h, hw, window, kernel_size, *rest: (
+        h.new_empty(h.shape),
+        *(h.new_empty(s) for s in _filter_shapes(h.shape[0], hw, window, h.shape[2], kernel_size, True))),
+    backends=_backends(_dtf_phases.dtf_forward, _dtf_phases.dtf_backward,
+                       kernel_size=lambda *a: a[3], rank=lambda h, *rest: h.shape[2]),
+)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -451,7 +262,7 @@ def ta_lora_dtf(
     check_same_dtype_device({"f": f, "base_out": base_out, "lora_a": lora_a, "lora_b": lora_b, "phi_weight": phi_weight,
                  "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean, "static_weight": static_weight,
                  "static_bias": static_bias}, "f")
-    out, *_ = torch.ops.fastdense.ta_lora_dtf(
+    out, *_ = OP(
         f4.contiguous(), b4.contiguous(), lora_a.contiguous(), lora_b.contiguous(), float(scale), list(hw),
         window, tasks, k, _contig(phi_weight), _contig(phi_bias), _contig(fn_std), _contig(fn_mean),
         _contig(static_weight), _contig(static_bias))
@@ -483,12 +294,10 @@ def dynamic_task_filter(
     window = _check_window(window)
     k = _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, None)
     check_same_dtype_device({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean}, "h")
-    out, theta, *_ = torch.ops.fastdense.dynamic_task_filter(
+    out, theta, *_ = OP_DTF(
         h.contiguous(), list(hw), window, k, phi_weight.contiguous(), _contig(phi_bias), fn_std.contiguous(),
         _contig(fn_mean))
     if return_theta:
         return out, theta.reshape(s, theta.shape[1], r, k, k)
     return out
 
-
-reference_ta_lora_dtf = reference.ta_lora_dtf

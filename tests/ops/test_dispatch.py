@@ -76,7 +76,7 @@ def test_environment_variable_forces_and_validates(monkeypatch):
 
 
 def test_every_backend_explains_itself_in_the_machine_report():
-    report = _dispatch.machine_report()[OP]
+    report = _dispatch.machine_report()[OP.name]
     assert list(report) == [b for b in _dispatch.BACKENDS if b in report]
     assert report["torch"] == []
     if not torch.cuda.is_available():
@@ -109,29 +109,29 @@ print("CPP", _dispatch.implementations(OP)["cpp"].machine_reasons())
     assert len(warnings) == 1, proc.stderr
 
 
-def test_backward_uses_the_backend_forced_at_forward_even_on_another_thread():
+def test_backward_uses_the_backend_forced_at_forward_even_on_another_thread(monkeypatch):
     """CUDA autograd runs backward on a worker thread that does not see the context variable."""
+    import dataclasses
     import threading
 
     from fastdense.ops import mt_lora_linear
 
     x = torch.randn(4, 6, requires_grad=True)
     seen = []
-    real_select = _dispatch.select
+    impls = _dispatch.implementations(OP)
 
-    def spy(op, device_type, *args):
-        impl = real_select(op, device_type, *args)
-        seen.append(impl.backend)
-        return impl
+    def spying(impl):
+        def backward(*args):
+            seen.append(impl.backend)
+            return impl.backward(*args)
+        return dataclasses.replace(impl, backward=backward)
 
+    for name, impl in list(impls.items()):
+        monkeypatch.setitem(impls, name, spying(impl))
     with fastdense.ops.backend("torch"):
         out = mt_lora_linear(x, torch.randn(5, 6), None, torch.randn(3, 6), torch.randn(5, 3), [2, 1], [1.0, 1.0])
-    _dispatch.select = spy
-    try:
-        worker = threading.Thread(target=lambda: out.sum().backward())
-        worker.start()
-        worker.join()
-    finally:
-        _dispatch.select = real_select
+    worker = threading.Thread(target=lambda: out.sum().backward())
+    worker.start()
+    worker.join()
     assert seen == ["torch"]
     assert x.grad is not None

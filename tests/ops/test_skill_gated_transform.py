@@ -8,7 +8,7 @@ import torch
 
 import fastdense
 from fastdense.ops import reference
-from fastdense.ops.skill_adapter import OP, skill_gated_transform
+from fastdense.ops.skill_gated_transform import OP, skill_gated_transform
 
 from _backends import (assert_compiled_matches_eager, assert_within_twice_the_reference_error, backend_params,
                        device_for)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdense.nn.lora import _FrozenBase, _check_dropout, _check_rank, _init_lora_pair
-from fastdense.ops import _dtf_torch
+from fastdense.ops import _dtf_phases
 from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
 
 __all__ = ["FilterNorm", "DynamicTaskFilter", "StaticTaskFilter", "TaskAwareLoRALinear"]
@@ -116,7 +116,7 @@ class FilterNorm(nn.Module):
         kk = self.kernel_size ** 2
         raw = theta.reshape(s, self.channels, kk)
         centred = raw - raw.mean(dim=-1, keepdim=True)
-        normed = centred / (raw.std(dim=-1, keepdim=True) + _dtf_torch.FN_EPS)
+        normed = centred / (raw.std(dim=-1, keepdim=True) + _dtf_phases.FN_EPS)
         out = normed * self.std.view(self.channels, kk) + self.mean.view(self.channels, kk)
         return out.reshape(theta.shape)
 
@@ -182,7 +182,7 @@ class StaticTaskFilter(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Sequence[int] | None = None) -> torch.Tensor:
         tokens, hw, was_map = _tokens(x, hw, self.rank)
-        out = _dtf_torch.static_filter_forward(tokens, hw, self.window, self.filter_weight, self.conv2d.bias)
+        out = _dtf_phases.static_filter_forward(tokens, hw, self.window, self.filter_weight, self.conv2d.bias)
         return _untokens(out, hw, was_map)
 
     def extra_repr(self) -> str:

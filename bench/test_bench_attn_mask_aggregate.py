@@ -34,7 +34,7 @@ backward 4·B·H·L²·(d + N) (P G, m Gᵀ, dS k, dSᵀ q); the ``+sdpa`` group
 attention's 4·B·H·L²·d forward and 10·B·H·L²·d backward. Bytes: the inputs and
 outputs once. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on
 the CPU it is not recorded (tracemalloc does not see torch's CPU allocations;
-tests/ops/test_attn_aggregate_memory.py measures the resident set instead).
+tests/ops/test_attn_mask_aggregate_memory.py measures the resident set instead).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastdense
-from fastdense.ops import _attn_aggregate_torch, reference
-from fastdense.ops.attn_aggregate import OP, attn_mask_aggregate
+from fastdense.ops import _attn_mask_aggregate_torch, reference
+from fastdense.ops.attn_mask_aggregate import OP, attn_mask_aggregate
 
 from _backends import (assert_compiled_matches_eager, assert_within_twice_the_reference_error, backend_params,
                        device_for)
@@ -160,8 +160,8 @@ def test_torch_backend_chunks_rows(monkeypatch):
     grad_out = torch.randn(_out_shape(case))
     with fastdense.ops.backend("torch"):
         out_one, grads_one = run(attn_mask_aggregate, inputs, case, grad_out)
-        monkeypatch.setattr(_attn_aggregate_torch, "CHUNK_ELEMENTS", 2 * 3 * 41 * 4)  # 4 rows a chunk
-        assert _attn_aggregate_torch._chunk_rows(2, 3, 41) == 4
+        monkeypatch.setattr(_attn_mask_aggregate_torch, "CHUNK_ELEMENTS", 2 * 3 * 41 * 4)  # 4 rows a chunk
+        assert _attn_mask_aggregate_torch._chunk_rows(2, 3, 41) == 4
         out_many, grads_many = run(attn_mask_aggregate, inputs, case, grad_out)
     close(out_many, out_one, "forward", 1e-5)
     for name in grads_one:

@@ -30,14 +30,12 @@ from typing import Optional
 
 import torch
 
-from fastdense import _ext, _triton
-from fastdense.ops import _attn_aggregate_torch, _dispatch, reference
-from fastdense.ops._custom_op import autocast_inputs, fresh_outputs
+from fastdense.ops import _attn_mask_aggregate_torch
+from fastdense.ops._define import (FLOATING, Limit, autocast_inputs, cpp_backend, define_op, torch_backend,
+                                   triton_backend)
 from fastdense.ops._validate import shape_str
 
-OP = "attn_mask_aggregate"
 HEAD_REDUCE = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -48,7 +46,7 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOATING:
             raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float (e.g. d ** -0.5), got {scale!r}")
@@ -82,14 +80,7 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
 
 
-# ----------------------------------------------------------------------------- backends
-_dispatch.register(OP, "torch", forward=_attn_aggregate_torch.forward, backward=_attn_aggregate_torch.backward)
-
-
-def _cpp_input_reasons(q, *rest) -> list[str]:
-    return _dispatch.device_dtype_reasons("cpp", q, "cpu", (torch.float32, torch.float64))
-
-
+# ----------------------------------------------------------------------------- backends and operator
 def _ext_forward(q, k, m_ca, scale, lse, head_reduce):
     return tuple(torch.ops.fastdense._attn_aggregate_fwd(q, k, m_ca, scale, lse, head_reduce))
 
@@ -99,108 +90,40 @@ def _ext_backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
                                                           [bool(v) for v in needs]))
 
 
-_dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", "_attn_aggregate_fwd", "_attn_aggregate_bwd"),
-                   input_reasons=_cpp_input_reasons)
-
-# Head dims and concept counts the Triton kernels hold in one tile (padded to
-# powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.
-TRITON_MAX_D = 256
-TRITON_MAX_N = 256
-
-
-def _triton_input_reasons(q, k, m_ca, scale, lse, head_reduce) -> list[str]:
-    reasons = _triton.input_reasons(q)
-    if q.shape[-1] > TRITON_MAX_D:
-        reasons.append(f"triton supports head dims d <= {TRITON_MAX_D}, got {q.shape[-1]}")
-    if m_ca.shape[-1] > TRITON_MAX_N:
-        reasons.append(f"triton supports N <= {TRITON_MAX_N} concept tokens, got {m_ca.shape[-1]}")
-    return reasons
-
-
-_triton_forward, _triton_backward = _triton.lazy_kernels("attn_aggregate")
-
-
-_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
-                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
-
-
-# ----------------------------------------------------------------------------- the operator
 def _out_shape(q, m_ca, head_reduce):
     b, h, length, _ = q.shape
     n = m_ca.shape[-1]
     return (b, h, length, n) if head_reduce == "none" else (b, length, n)
 
 
-@torch.library.custom_op("fastdense::attn_mask_aggregate", mutates_args=())
-def _attn_mask_aggregate_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    m_ca: torch.Tensor,
-    scale: float,
-    lse: Optional[torch.Tensor],
-    head_reduce: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (q, k, m_ca, scale, lse, head_reduce)
-    impl = _dispatch.select(OP, q.device.type, *args)
-    out, lse_out = impl.forward(*args)
-    if lse is not None and lse_out.untyped_storage().data_ptr() == lse.untyped_storage().data_ptr():
-        lse_out = lse_out.clone()  # a custom op's outputs may not alias its inputs
-    return out, lse_out
+# Head dims and concept counts the Triton kernels hold in one tile (padded to
+# powers of two): SD's d is 40/64/80/128, N at most a few hundred tokens.
+TRITON_MAX_D = 256
+TRITON_MAX_N = 256
 
-
-@_attn_mask_aggregate_op.register_fake
-def _(q, k, m_ca, scale, lse, head_reduce):
-    return (q.new_empty(_out_shape(q, m_ca, head_reduce)),
-            q.new_empty(q.shape[:3], dtype=_attn_aggregate_torch.acc_dtype(q.dtype)))
-
-
-@torch.library.custom_op("fastdense::attn_mask_aggregate_backward", mutates_args=())
-def _attn_mask_aggregate_backward_op(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    m_ca: torch.Tensor,
-    scale: float,
-    lse: torch.Tensor,
-    head_reduce: str,
-    needs: list[bool],
-    forced: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd_args = (q, k, m_ca, scale, lse, head_reduce)
-    # `forced` is the backend forced when the forward ran: autograd may run this
-    # on another thread (CUDA), which does not see the forward's context.
-    with _dispatch.backend(forced or None):
-        impl = _dispatch.select(OP, q.device.type, *fwd_args)
-    grads = impl.backward(grad.contiguous(), q, k, m_ca, scale, lse, head_reduce, list(needs))
-    return fresh_outputs(grads, needs, q, (grad, *fwd_args))
-
-
-@_attn_mask_aggregate_backward_op.register_fake
-def _(grad, q, k, m_ca, scale, lse, head_reduce, needs, forced):
-    return tuple(t.new_empty(t.shape) if need else q.new_empty(0) for t, need in zip((q, k, m_ca), needs))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, m_ca, scale, _, head_reduce = inputs
-    ctx.save_for_backward(q, k, m_ca, output[1])
-    ctx.scale, ctx.head_reduce = scale, head_reduce
-    ctx.mark_non_differentiable(output[1])
-    ctx.forced = _dispatch.forced_backend() or ""
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, m_ca, lse = ctx.saved_tensors
-    needs = [bool(v) for v in ctx.needs_input_grad[:3]]
-    if not any(needs):
-        return None, None, None, None, None, None
-    grads = torch.ops.fastdense.attn_mask_aggregate_backward(
-        grad_out, q, k, m_ca, ctx.scale, lse, ctx.head_reduce, needs, ctx.forced)
-    dq, dk, dm = (g if need else None for g, need in zip(grads, needs))
-    return dq, dk, dm, None, None, None
-
-
-_attn_mask_aggregate_op.register_autograd(_backward, setup_context=_setup_context)
+# The backward gets the lse the forward used (computed, or the caller's), never
+# the caller's argument itself: hence "lse_out" in place of "lse".
+OP = define_op(
+    "attn_mask_aggregate",
+    schema="Tensor q, Tensor k, Tensor m_ca, float scale, Tensor? lse, str head_reduce",
+    outputs="Tensor out, Tensor lse_out",
+    lead="q",
+    differentiable=("q", "k", "m_ca"),
+    grad_outputs=("out",),
+    saved=("q", "k", "m_ca", "scale", "lse_out", "head_reduce"),
+    fake=lambda q, k, m_ca, scale, lse, head_reduce: (
+        q.new_empty(_out_shape(q, m_ca, head_reduce)),
+        q.new_empty(q.shape[:3], dtype=_attn_mask_aggregate_torch.acc_dtype(q.dtype))),
+    backends=(
+        torch_backend(_attn_mask_aggregate_torch.forward, _attn_mask_aggregate_torch.backward),
+        cpp_backend(_ext_forward, _ext_backward, kernels=("_attn_aggregate_fwd", "_attn_aggregate_bwd"),
+                    dtypes=(torch.float32, torch.float64)),
+        triton_backend("attn_mask_aggregate", limits=(
+            Limit("head dims d", lambda q, *rest: q.shape[-1], maximum=TRITON_MAX_D),
+            Limit("N concept tokens", lambda q, k, m_ca, *rest: m_ca.shape[-1], maximum=TRITON_MAX_N),
+        )),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -226,11 +149,9 @@ def attn_mask_aggregate(
         scale = scale.item()
     q, k, m_ca = autocast_inputs(q, k, m_ca)
     check_args(q, k, m_ca, scale, lse, head_reduce)
-    acc = _attn_aggregate_torch.acc_dtype(q.dtype)
+    acc = _attn_mask_aggregate_torch.acc_dtype(q.dtype)
     if lse is not None:
         lse = lse.detach().to(acc).contiguous()
-    return torch.ops.fastdense.attn_mask_aggregate(
+    return OP(
         q.contiguous(), k.contiguous(), m_ca.to(q.dtype).contiguous(), float(scale), lse, head_reduce)[0]
 
-
-reference_attn_mask_aggregate = reference.attn_mask_aggregate

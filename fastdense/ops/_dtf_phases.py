@@ -206,6 +206,55 @@ class Kernels:
 TORCH_KERNELS = Kernels()
 
 
+def _window_arg(g: Geometry) -> int:
+    # The compiled kernels take the window edge; a window covering the map is 0. Windows are square.
+    return 0 if (g.nh == 1 and g.nw == 1) else max(g.wh, g.ww)
+
+
+def _ext_kernels() -> Kernels:
+    """Phase kernels of fastdense._C (CPU: csrc/cpu/dtf.cpp; CUDA: csrc/cuda/dtf_bind.cpp).
+
+    The compiled extension has no fused phase 3: its conv output goes through
+    the PyTorch GEMM of :func:`up_add`.
+    """
+    ops = torch.ops.fastdense
+
+    def fwd(h, theta, g: Geometry, k):
+        return ops._dtf_dwconv_fwd(h, theta, g.height, g.width, _window_arg(g))
+
+    def dh(grad, theta, g: Geometry, k, d_pooled=None):
+        return ops._dtf_dwconv_dh(grad, theta, g.height, g.width, _window_arg(g), d_pooled)
+
+    def dtheta(grad, h, g: Geometry, k):
+        return ops._dtf_dwconv_dtheta(grad, h, g.height, g.width, _window_arg(g), k)
+
+    def fused(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
+        up_add(fwd(h, theta, g, k), bias, lora_b, scale, base, tasks, out)
+
+    def pool(h, g: Geometry):
+        return ops._dtf_gap(h, g.height, g.width, _window_arg(g))
+
+    return Kernels(gap=pool, dwconv_forward=fwd, dwconv_dh=dh, dwconv_dtheta=dtheta, conv_up_add=fused)
+
+
+def _triton_kernels() -> Kernels:
+    from fastdense.kernels import dtf as module  # imports triton: only when a Triton backend runs
+
+    return Kernels(**{f.name: getattr(module, f.name) for f in dataclasses.fields(Kernels)})
+
+
+_KERNELS = {"torch": lambda: TORCH_KERNELS, "cpp": _ext_kernels, "cuda": _ext_kernels, "triton": _triton_kernels}
+
+
+def bind(fn: Callable, backend: str) -> Callable:
+    """``fn`` (an orchestration function below) running ``backend``'s phase kernels."""
+    def run(*args):
+        return fn(*args, kernels=_KERNELS[backend]())
+
+    run.__qualname__ = f"{fn.__name__}[{backend}]"
+    return run
+
+
 # ----------------------------------------------------------------------------- phase 2: filters
 def filters_forward(pooled, phi_weight, phi_bias, fn_std, fn_mean, k: int):
     """θ = FilterNorm(φ(p)) (DDF's 'channel' FilterNorm; eps added to the unbiased std).

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import fastdense
-from fastdense.ops.attn_aggregate import OP
+from fastdense.ops.attn_mask_aggregate import OP
 
 B, H, L, D, N = 1, 8, 4096, 64, 40
 LIMIT_MIB = L * L * 4 / 2**20  # one L × L fp32 matrix: 64 MiB

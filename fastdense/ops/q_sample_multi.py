@@ -41,16 +41,16 @@ mistake is visible in the output rather than a silent read of other memory.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 
-from fastdense import _ext, _triton
-from fastdense.ops import _dispatch, reference
-from fastdense.ops._custom_op import fresh_outputs
+from fastdense.ops import _q_sample_multi_torch
+from fastdense.ops._define import (Backend, Derived, cpp_backend, cuda_backend, define_op, torch_backend,
+                                   triton_backend)
 from fastdense.ops._validate import shape_str
 
-OP = "q_sample_multi"
 LAYOUTS = ("timestep", "sample")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SCHEDULE_DTYPES = (torch.float32, torch.float64)
@@ -106,61 +106,33 @@ def _check_range_on_host(timesteps: torch.Tensor, num_train: int) -> None:
         raise ValueError(f"timesteps must lie in [0, len(alphas_cumprod)) = [0, {num_train}), got {bad}")
 
 
-# ----------------------------------------------------------------------------- torch backend
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ----------------------------------------------------------------------------- backends and operator
+def _to_device(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Validate host timesteps (free) and move them to the latents' device."""
+    if timesteps.device.type == "cpu":
+        _check_range_on_host(timesteps, alphas_cumprod.shape[0])
+        if device.type != "cpu":
+            # Pageable host -> device copies are staged, never a device sync.
+            timesteps = timesteps.to(device, non_blocking=True)
+    return timesteps
 
 
-def coefficients(timesteps, alphas_cumprod, dtype):
-    """(√ᾱ_t, √(1 − ᾱ_t)) per timestep in the op's math dtype; NaN for t outside [0, T)."""
-    num_train = alphas_cumprod.shape[0]
-    invalid = (timesteps < 0) | (timesteps >= num_train)
-    abar = alphas_cumprod[timesteps.clamp(0, num_train - 1)].to(_opmath(dtype)).masked_fill_(invalid, float("nan"))
-    return abar.sqrt(), (1 - abar).sqrt()
+def _timesteps_on_device(impl: Backend) -> Backend:
+    """``impl`` with host timesteps checked and moved to the data's device before its kernels run.
 
+    Done inside the operator, not in the public function: the range check reads
+    the values, which a traced graph could not do.
+    """
+    forward, backward = impl.forward, impl.backward
 
-def _rows(t: torch.Tensor, sample_major: bool) -> torch.Tensor:
-    """(k, B, N) -> the output's (k·B, N) row order."""
-    k, batch, n = t.shape
-    if sample_major:
-        t = t.transpose(0, 1)
-    return t.reshape(k * batch, n)
+    def fwd(z0, noise, timesteps, alphas_cumprod, sample_major):
+        return forward(z0, noise, _to_device(timesteps, alphas_cumprod, z0.device), alphas_cumprod, sample_major)
 
+    def bwd(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs):
+        return backward(grad, _to_device(timesteps, alphas_cumprod, grad.device), alphas_cumprod, batch,
+                        sample_major, shared_noise, needs)
 
-def _unrows(g: torch.Tensor, k: int, batch: int, sample_major: bool) -> torch.Tensor:
-    """(k·B, N) in the output's row order -> (k, B, N)."""
-    n = g.shape[1]
-    if sample_major:
-        return g.view(batch, k, n).transpose(0, 1)
-    return g.view(k, batch, n)
-
-
-def torch_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
-    c_signal, c_noise = coefficients(timesteps, alphas_cumprod, z0.dtype)
-    math = c_signal.dtype
-    # Two passes over the (k, B, N) result: the noise term, then z0's added in place.
-    z_t = (c_noise.view(-1, 1, 1) * noise.to(math)).addcmul_(c_signal.view(-1, 1, 1), z0.to(math))
-    return _rows(z_t, sample_major).to(z0.dtype)
-
-
-def torch_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs):
-    k = timesteps.shape[0]
-    c_signal, c_noise = coefficients(timesteps, alphas_cumprod, grad.dtype)
-    g = _unrows(grad, k, batch, sample_major).to(c_signal.dtype)  # (k, B, N)
-    empty = grad.new_empty(0)
-    d_z0 = (c_signal.view(-1, 1, 1) * g).sum(0).to(grad.dtype) if needs[0] else empty
-    d_noise = empty
-    if needs[1]:
-        d_noise = c_noise.view(-1, 1, 1) * g
-        d_noise = (d_noise.sum(0, keepdim=True) if shared_noise else d_noise).to(grad.dtype)
-    return d_z0, d_noise
-
-
-_dispatch.register(OP, "torch", forward=torch_forward, backward=torch_backward)
-
-
-# ----------------------------------------------------------------------------- cpp / cuda backends
-_EXT_OPS = ("_q_sample_multi_fwd", "_q_sample_multi_bwd")
+    return dataclasses.replace(impl, forward=fwd, backward=bwd)
 
 
 def _ext_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
@@ -172,125 +144,35 @@ def _ext_backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_n
                                                          shared_noise, list(needs)))
 
 
-def _cpp_input_reasons(z0, *rest) -> list[str]:
-    return _dispatch.device_dtype_reasons("cpp", z0, "cpu")
+_EXT_KERNELS = ("_q_sample_multi_fwd", "_q_sample_multi_bwd")
 
 
-def _cuda_input_reasons(z0, *rest) -> list[str]:
-    if z0.device.type != "cuda":
-        return [f"cuda runs CUDA tensors, got {z0.device.type}"]
-    if z0.dtype == torch.float64:
-        return ["cuda kernels support float32/float16/bfloat16, not float64"]
-    return []
+def _grad_shapes(grads, saved):
+    n = grads[0].shape[1]
+    steps = 1 if saved["shared_noise"] else saved["timesteps"].shape[0]
+    return [(saved["batch"], n), (steps, saved["batch"], n)]
 
 
-_dispatch.register(OP, "cpp", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *_EXT_OPS),
-                   input_reasons=_cpp_input_reasons)
-_dispatch.register(OP, "cuda", forward=_ext_forward, backward=_ext_backward,
-                   machine_reasons=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *_EXT_OPS),
-                   input_reasons=_cuda_input_reasons)
-
-
-# ----------------------------------------------------------------------------- triton backend
-def _triton_input_reasons(z0, *rest) -> list[str]:
-    return _triton.input_reasons(z0)
-
-
-_triton_forward, _triton_backward = _triton.lazy_kernels("q_sample")
-
-
-_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
-                   machine_reasons=_triton.machine_reasons, input_reasons=_triton_input_reasons)
-
-
-# ----------------------------------------------------------------------------- the operator
-def _to_device(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Validate host timesteps (free) and move them to the latents' device."""
-    if timesteps.device.type == "cpu":
-        _check_range_on_host(timesteps, alphas_cumprod.shape[0])
-        if device.type != "cpu":
-            # Pageable host -> device copies are staged, never a device sync.
-            timesteps = timesteps.to(device, non_blocking=True)
-    return timesteps
-
-
-def _run_forward(z0, noise, timesteps, alphas_cumprod, sample_major):
-    timesteps = _to_device(timesteps, alphas_cumprod, z0.device)
-    args = (z0, noise, timesteps, alphas_cumprod, sample_major)
-    return _dispatch.select(OP, z0.device.type, *args).forward(*args)
-
-
-@torch.library.custom_op("fastdense::q_sample_multi", mutates_args=())
-def _q_sample_multi_op(
-    z0: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    sample_major: bool,
-) -> torch.Tensor:
-    return _run_forward(z0, noise, timesteps, alphas_cumprod, sample_major)
-
-
-@_q_sample_multi_op.register_fake
-def _(z0, noise, timesteps, alphas_cumprod, sample_major):
-    return z0.new_empty((timesteps.shape[0] * z0.shape[0], z0.shape[1]))
-
-
-@torch.library.custom_op("fastdense::q_sample_multi_backward", mutates_args=())
-def _q_sample_multi_backward_op(
-    grad: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    batch: int,
-    sample_major: bool,
-    shared_noise: bool,
-    needs: list[bool],
-    forced: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    timesteps = _to_device(timesteps, alphas_cumprod, grad.device)
-    # `forced` is the backend forced when the forward ran: autograd may run
-    # this on another thread (CUDA), which does not see the forward's context.
-    # Backends choose by the device and dtype of their first argument, which
-    # grad shares with z0.
-    with _dispatch.backend(forced or None):
-        impl = _dispatch.select(OP, grad.device.type, grad, grad, timesteps, alphas_cumprod, sample_major)
-    d_z0, d_noise = impl.backward(grad.contiguous(), timesteps, alphas_cumprod, batch, sample_major, shared_noise,
-                                  list(needs))
-    return fresh_outputs((d_z0, d_noise), needs, grad, (grad, timesteps, alphas_cumprod))
-
-
-@_q_sample_multi_backward_op.register_fake
-def _(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise, needs, forced):
-    n = grad.shape[1]
-    d_z0 = grad.new_empty((batch, n)) if needs[0] else grad.new_empty(0)
-    steps = 1 if shared_noise else timesteps.shape[0]
-    d_noise = grad.new_empty((steps, batch, n)) if needs[1] else grad.new_empty(0)
-    return d_z0, d_noise
-
-
-def _setup_context(ctx, inputs, output):
-    z0, noise, timesteps, alphas_cumprod, sample_major = inputs
-    # Backward reads only the coefficients; z0 and noise are not saved.
-    ctx.save_for_backward(timesteps, alphas_cumprod)
-    ctx.batch = z0.shape[0]
-    ctx.shared_noise = noise.shape[0] == 1
-    ctx.sample_major = sample_major
-    ctx.forced = _dispatch.forced_backend() or ""
-
-
-def _backward(ctx, grad):
-    timesteps, alphas_cumprod = ctx.saved_tensors
-    nig = ctx.needs_input_grad
-    needs = [bool(nig[0]), bool(nig[1])]
-    if not any(needs):
-        return None, None, None, None, None
-    d_z0, d_noise = torch.ops.fastdense.q_sample_multi_backward(
-        grad, timesteps, alphas_cumprod, ctx.batch, ctx.sample_major, ctx.shared_noise, needs, ctx.forced)
-    return (d_z0 if needs[0] else None, d_noise if needs[1] else None, None, None, None)
-
-
-_q_sample_multi_op.register_autograd(_backward, setup_context=_setup_context)
+# Backward reads only the coefficients: z0 and noise are not saved.
+OP = define_op(
+    "q_sample_multi",
+    schema="Tensor z0, Tensor noise, Tensor timesteps, Tensor alphas_cumprod, bool sample_major",
+    outputs="Tensor out",
+    lead="z0",
+    differentiable=("z0", "noise"),
+    grad_outputs=("out",),
+    saved=("timesteps", "alphas_cumprod", Derived("batch", "SymInt", lambda a: a["z0"].shape[0]), "sample_major",
+           Derived("shared_noise", "bool", lambda a: a["noise"].shape[0] == 1)),
+    fake=lambda z0, noise, timesteps, alphas_cumprod, sample_major: z0.new_empty(
+        (timesteps.shape[0] * z0.shape[0], z0.shape[1])),
+    backward_fake=_grad_shapes,
+    backends=tuple(map(_timesteps_on_device, (
+        torch_backend(_q_sample_multi_torch.forward, _q_sample_multi_torch.backward),
+        cpp_backend(_ext_forward, _ext_backward, kernels=_EXT_KERNELS, dtypes=None),
+        cuda_backend(_ext_forward, _ext_backward, kernels=_EXT_KERNELS),
+        triton_backend("q_sample_multi"),
+    ))),
+)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -342,8 +224,6 @@ def q_sample_multi(
     z0_2d = z0.reshape(batch, n).contiguous()
     noise_3d = noise.reshape(1 if shared else timesteps.shape[0], batch, n).contiguous()
     args = (z0_2d, noise_3d, timesteps.to(torch.int64), alphas_cumprod.detach().contiguous(), layout == "sample")
-    out = _run_forward(*args) if _eager_fast_path(z0, noise) else torch.ops.fastdense.q_sample_multi(*args)
+    out = OP.run_backend(*args) if _eager_fast_path(z0, noise) else OP(*args)
     return out.view(timesteps.shape[0] * batch, *rest)
 
-
-reference_q_sample_multi = reference.q_sample_multi

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastdense.nn import TaskDynamicSkillAdapter
-from fastdense.nn.skill_adapter import SWIN_T_DEPTHS, SWIN_T_EMBED_DIM, swin_tdsa_parameters
+from fastdense.nn.skill_gated_transform import SWIN_T_DEPTHS, SWIN_T_EMBED_DIM, swin_tdsa_parameters
 from fastdense.ops import reference
 
 
