@@ -287,7 +287,7 @@ TADFORMER_R64 = {"semseg": 70.82, "parts": 60.45, "sal": 65.88, "normals": 16.48
 
 def test_delta_m_tadformer_r64():
     dm = delta_m(TADFORMER_R64, PASCAL_SWIN_T_SINGLE_TASK, PASCAL_LOWER_IS_BETTER)
-    # (3.5709 - 2.3898 + 5.6616 + 8.2916) / 4 = 4.2336 (reference.md: +4.23; paper prints +4.24)
+    # (3.5709 - 2.3898 + 5.6616 + 8.2916) / 4 = 4.2336 (docs/papers.md: +4.23; the paper prints +4.24)
     assert round(dm, 2) == 4.23
     assert dm == approx(4.24, abs=0.02)
 

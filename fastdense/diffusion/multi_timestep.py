@@ -1,15 +1,15 @@
 """Diffusion features at k timesteps from ONE batched U-Net pass, and a
 per-timestep feature cache for timestep selection.
 
-Paper: ``timestep-selection-fewshot-dense.txt`` §3 (TTS/TFC on Visual Token
+Paper: the timestep paper §3 (docs/papers.md, 'Timestep selection and consolidation'; TTS/TFC on Visual Token
 Matching). The image encoder there is the Stable Diffusion U-Net fed the
 image's latent noised at k timesteps; for each timestep t the latent is
 
     z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε          (DDPM's forward process q(z_t | z_0))
 
 and the features are the outputs of U-Net decoder blocks (§3.1; the
-timestep features 𝓕_𝒯 = 𝒟(𝒯) of Alg. 1, lines 2, 9 and 10). The official code
-(and ddpm-segmentation) runs the U-Net once per timestep; here the k noised
+timestep features 𝓕_𝒯 = 𝒟(𝒯) of Alg. 1, lines 2, 9 and 10). The usual way
+(ddpm-segmentation's) runs the U-Net once per timestep; here the k noised
 copies are one (k·B) batch built by :func:`fastdense.ops.q_sample_multi`, and
 the U-Net runs once with a per-row timestep tensor. GroupNorm, attention and
 the time embedding act per sample, so this equals the k separate passes.

@@ -10,7 +10,7 @@ of every Swin block. For a layer input x (..., C) it computes, for every task t,
 
 All T outputs come from one fused call (one read of x, h computed once).
 
-Reading of the paper used here (``reference.md``, TDSS Decision): the adapter
+Reading of the paper used here (docs/paper-decisions.md, 'TDSS lateral stream'): the adapter
 reads the *frozen* backbone layer's input x, so no gradient flows through the
 backbone (the stated memory saving). Task t's lateral stream starts from the
 stage's input features, accumulates every x^t of the stage, goes through the
@@ -130,7 +130,7 @@ def swin_tdsa_parameters(embed_dim: int = SWIN_T_EMBED_DIM, depths: Sequence[int
     """Parameters of TDSS's adapters on a Swin backbone: ``per_block`` TDSAs
     (attention and FFN) in every block, stage s at width embed_dim·2^s, R = C/4.
 
-    Swin-T with T = 4, M = 10 gives 2,355,264 (reference.md: ≈ 2.36 M).
+    Swin-T with T = 4, M = 10 gives 2,355,264 (docs/papers.md, 'Trainable parameter counts': ≈ 2.36 M).
     """
     total = 0
     for stage, depth in enumerate(depths):

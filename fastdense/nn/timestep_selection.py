@@ -12,7 +12,7 @@ few-shot head. One selection *round* (one run of Alg. 1) is
        t_r = argmin_t L_t                                                   (2)
 
    (Alg. 1 line 6 says "largest timestep-wise loss" while Eq. 2 says argmin;
-   fastdense follows Eq. 2, as reference.md's Decision records: the lowest
+   fastdense follows Eq. 2 (docs/paper-decisions.md, 'TTS removal rule'): the lowest
    leave-one-out loss marks the timestep the set misses least. Ties go to the
    smallest t.)
 3. **Search** (Alg. 1 lines 7-21). Up to ``max_candidates`` (the paper's

@@ -60,7 +60,7 @@ def test_init_starts_at_zero_output_and_trains_w_up_first():
     assert torch.count_nonzero(m.w_down.grad) == 0
 
 
-def test_swin_t_parameter_count_matches_reference_md():
+def test_swin_t_parameter_count_matches_the_papers_figure():
     """TDSA on attention and FFN of all 12 Swin-T blocks ≈ 2.36 M at T = 4, R = C/4, M = 10."""
     total = 0
     for stage, depth in enumerate(SWIN_T_DEPTHS):
