@@ -27,6 +27,11 @@ Backend calling convention (every backend of an op follows it):
 
 ``grads`` are the incoming gradients of the outputs named in
 ``grad_outputs``; ``saved`` the values named in ``saved``.
+
+Strides. Every tensor a backend receives is contiguous: the operators make
+their tensor arguments contiguous (a no-op for contiguous ones) before any
+backend sees them, forward and backward, so no kernel has to honour a
+caller's strides (a column slice, a stride-0 expansion, a transpose).
 """
 from __future__ import annotations
 
@@ -64,6 +69,10 @@ class Derived:
 
 
 # ----------------------------------------------------------------------------- custom-op outputs
+def _contiguous(values):
+    return tuple(v.contiguous() if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -215,6 +224,7 @@ class Op:
 
     def run_backend(self, *args):
         """The chosen backend's forward, without the operator (and without autograd)."""
+        args = _contiguous(args)
         return self.select(*args).forward(*args)
 
     def _forward_impl(self, *args):
@@ -270,8 +280,8 @@ class Op:
 
     def _backward_impl(self, *args):
         n_grads = len(self.grad_outputs)
-        grads = [None if g is None else g.contiguous() for g in args[:n_grads]]
-        saved = args[n_grads:-2]
+        grads = _contiguous(args[:n_grads])
+        saved = _contiguous(args[n_grads:-2])
         needs, backend = list(args[-2]), args[-1]
         impl = _dispatch.implementations(self.name)[backend]
         result = impl.backward(*grads, *saved, needs)

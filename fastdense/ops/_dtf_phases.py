@@ -129,6 +129,8 @@ def _flat_filters(theta: torch.Tensor, g: Geometry, samples: int, k: int) -> tor
 def dwconv_forward(h: torch.Tensor, theta: torch.Tensor, g: Geometry, k: int) -> torch.Tensor:
     """θ ⊛ h per (sample, window, channel): the grouped-conv trick over all of them at once."""
     s = h.shape[0]
+    if h.numel() == 0:  # conv2d has no zero-group form: empty in, empty out
+        return torch.zeros_like(h)
     xw = to_windows(h, g)
     groups = xw.shape[0]
     out = F.conv2d(xw.unsqueeze(0), _flat_filters(theta, g, s, k), padding=k // 2, groups=groups)
@@ -142,6 +144,8 @@ def dwconv_dh(grad: torch.Tensor, theta: torch.Tensor, g: Geometry, k: int,
     The conv part is the correlation of dy with the flipped filter (stride 1, same padding).
     """
     s = grad.shape[0]
+    if grad.numel() == 0:
+        return torch.zeros_like(grad) if d_pooled is None else gap_backward(d_pooled, g)
     gw = to_windows(grad, g)
     flipped = _flat_filters(theta, g, s, k).flip(-1, -2)
     dh = from_windows(F.conv2d(gw.unsqueeze(0), flipped, padding=k // 2, groups=gw.shape[0]).squeeze(0), g, s)
@@ -256,38 +260,51 @@ def bind(fn: Callable, backend: str) -> Callable:
 
 
 # ----------------------------------------------------------------------------- phase 2: filters
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16 squares of filter logits of a few hundred overflow: statistics run in fp32 (fp64 for fp64).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def filters_forward(pooled, phi_weight, phi_bias, fn_std, fn_mean, k: int):
     """θ = FilterNorm(φ(p)) (DDF's 'channel' FilterNorm; eps added to the unbiased std).
 
-    pooled (S, n_win, r) -> theta, normed (S, n_win, r, k²), denom = std + eps (S, n_win, r, 1).
+    pooled (S, n_win, r) -> theta, normed (S, n_win, r, k²), denom = std + eps (S, n_win, r, 1),
+    in pooled's dtype; the mean, std and normalisation are computed in fp32 (fp64).
     """
     s, nwin, r = pooled.shape
     kk = k * k
-    raw = F.linear(pooled, phi_weight, phi_bias).reshape(s, nwin, r, kk)
+    dtype = pooled.dtype
+    raw = F.linear(pooled, phi_weight, phi_bias).reshape(s, nwin, r, kk).to(_stats_dtype(dtype))
     centred = raw - raw.mean(dim=-1, keepdim=True)
     denom = (centred.square().sum(dim=-1, keepdim=True) / (kk - 1)).sqrt() + FN_EPS
     normed = centred / denom
     theta = normed * fn_std.reshape(r, kk)
     if fn_mean is not None:
         theta = theta + fn_mean.reshape(r, kk)
-    return theta, normed, denom
+    return theta.to(dtype), normed.to(dtype), denom.to(dtype)
 
 
 def filters_backward(d_theta, pooled, normed, denom, phi_weight, fn_std, has_phi_bias, has_mean):
     """Gradients of :func:`filters_forward`: (d_pooled, d_phi_weight, d_phi_bias, d_std, d_mean)."""
     s, nwin, r, kk = d_theta.shape
+    dtype = d_theta.dtype
+    acc = _stats_dtype(dtype)
+    d_theta, normed, denom = d_theta.to(acc), normed.to(acc), denom.to(acc)
     d_std = (d_theta * normed).sum(dim=(0, 1)).reshape(-1)
     d_mean = d_theta.sum(dim=(0, 1)).reshape(-1) if has_mean else None
     d_norm = d_theta * fn_std.reshape(r, kk)
-    # normed = c / (σ + ε), σ = sqrt(Σ c² / (k² − 1)), c = raw − mean(raw).
+    # normed = c / (σ + ε), σ = sqrt(Σ c² / (k² − 1)), c = raw − mean(raw);
+    # ∂σ/∂c = c / ((k² − 1) σ). A filter with equal taps has σ = 0 and c = 0:
+    # its σ term is 0 (the limit, and what autograd of torch.std gives), not 0/0.
     sigma = denom - FN_EPS
     d_denom = -(d_norm * normed).sum(dim=-1, keepdim=True) / denom
-    d_centred = d_norm / denom + d_denom * normed * denom / ((kk - 1) * sigma)
-    d_raw = (d_centred - d_centred.mean(dim=-1, keepdim=True)).reshape(s * nwin, r * kk)
+    centred_over_sigma = torch.where(sigma > 0, normed * denom / sigma.clamp_min(torch.finfo(acc).tiny), 0.0)
+    d_centred = d_norm / denom + d_denom * centred_over_sigma / (kk - 1)
+    d_raw = (d_centred - d_centred.mean(dim=-1, keepdim=True)).reshape(s * nwin, r * kk).to(dtype)
     d_pooled = (d_raw @ phi_weight).reshape(s, nwin, r)
     d_phi_weight = d_raw.t() @ pooled.reshape(s * nwin, r)
     d_phi_bias = d_raw.sum(dim=0) if has_phi_bias else None
-    return d_pooled, d_phi_weight, d_phi_bias, d_std, d_mean
+    return (d_pooled, d_phi_weight, d_phi_bias, d_std.to(dtype), None if d_mean is None else d_mean.to(dtype))
 
 
 # ----------------------------------------------------------------------------- the fused TA-module

@@ -1,7 +1,9 @@
 """Argument checks shared by the ops' ``check_args``: messages name the argument."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import numbers
+import operator
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -21,3 +23,46 @@ def check_same_dtype_device(tensors: Mapping[str, Optional[torch.Tensor]], ref_n
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all tensors must share one dtype")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+
+
+def int_list(name: str, value, minimum: int | None = None) -> list[int]:
+    """``value`` as a list of ints, or TypeError/ValueError naming ``name``.
+
+    Floats are refused rather than truncated (ranks=[3.7] is a mistake, not 3);
+    numpy and torch integer scalars are accepted.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a list of ints, got a {value.dtype} tensor of shape {shape_str(value)}")
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of ints, got {type(value).__name__} {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool):
+            raise TypeError(f"{name}[{i}] must be an int, got bool {v!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int, got {type(v).__name__} {v!r}") from None
+        if minimum is not None and out[-1] < minimum:
+            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {out[-1]}")
+    return out
+
+
+def float_list(name: str, value) -> list[float]:
+    """``value`` as a list of finite-or-not floats, or TypeError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of numbers, got {type(value).__name__} {value!r}")
+    return [number(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def number(name: str, value) -> float:
+    """``value`` as a float, or TypeError naming ``name`` (bools and strings are refused)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)

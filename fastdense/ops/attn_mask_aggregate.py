@@ -55,8 +55,8 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, H, L, d), got {shape_str(q)}")
     b, h, length, d = q.shape
-    if length < 1 or d < 1:
-        raise ValueError(f"q must have L >= 1 tokens and d >= 1 channels, got {shape_str(q)}")
+    if h < 1 or length < 1 or d < 1:
+        raise ValueError(f"q must have H >= 1 heads, L >= 1 tokens and d >= 1 channels, got {shape_str(q)}")
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q (B={b}, H={h}, L={length}, d={d}), got {shape_str(k)}")
     if k.dtype != q.dtype:
@@ -151,7 +151,6 @@ def attn_mask_aggregate(
     check_args(q, k, m_ca, scale, lse, head_reduce)
     acc = _attn_mask_aggregate_torch.acc_dtype(q.dtype)
     if lse is not None:
-        lse = lse.detach().to(acc).contiguous()
-    return OP(
-        q.contiguous(), k.contiguous(), m_ca.to(q.dtype).contiguous(), float(scale), lse, head_reduce)[0]
+        lse = lse.detach().to(acc)
+    return OP(q, k, m_ca.to(q.dtype), float(scale), lse, head_reduce)[0]
 

@@ -184,10 +184,6 @@ OP_DTF = define_op(
 
 
 # ----------------------------------------------------------------------------- public API
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
 def ta_lora_dtf(
     f: torch.Tensor,
     base_out: torch.Tensor,
@@ -263,9 +259,8 @@ def ta_lora_dtf(
                  "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean, "static_weight": static_weight,
                  "static_bias": static_bias}, "f")
     out, *_ = OP(
-        f4.contiguous(), b4.contiguous(), lora_a.contiguous(), lora_b.contiguous(), float(scale), list(hw),
-        window, tasks, k, _contig(phi_weight), _contig(phi_bias), _contig(fn_std), _contig(fn_mean),
-        _contig(static_weight), _contig(static_bias))
+        f4, b4, lora_a, lora_b, float(scale), list(hw), window, tasks, k, phi_weight, phi_bias, fn_std, fn_mean,
+        static_weight, static_bias)
     return out
 
 
@@ -295,8 +290,7 @@ def dynamic_task_filter(
     k = _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, None)
     check_same_dtype_device({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean}, "h")
     out, theta, *_ = OP_DTF(
-        h.contiguous(), list(hw), window, k, phi_weight.contiguous(), _contig(phi_bias), fn_std.contiguous(),
-        _contig(fn_mean))
+        h, list(hw), window, k, phi_weight, phi_bias, fn_std, fn_mean)
     if return_theta:
         return out, theta.reshape(s, theta.shape[1], r, k, k)
     return out

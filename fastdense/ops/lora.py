@@ -26,7 +26,7 @@ import torch
 from fastdense.ops import _lora_torch
 from fastdense.ops._define import (FLOATING, Limit, autocast_inputs, cpp_backend, cuda_backend, define_op,
                                    ext_limit, torch_backend, triton_backend)
-from fastdense.ops._validate import check_same_dtype_device, shape_str
+from fastdense.ops._validate import check_same_dtype_device, float_list, int_list, number, shape_str
 
 
 # ----------------------------------------------------------------------------- validation
@@ -134,8 +134,8 @@ def mt_lora_linear(
     layout of ``lora_a``/``lora_b`` and ``reference.mt_lora_linear`` for the
     equations. ``shared_in_tasks=True`` is MTLoRA's 'matrixv2'.
     """
-    ranks = [int(r) for r in ranks]
-    scales = [float(s) for s in scales]
+    ranks = int_list("ranks", ranks, minimum=1)
+    scales = float_list("scales", scales)
     x, weight, bias, lora_a, lora_b, x_lora, x_tasks = autocast_inputs(
         x, weight, bias, lora_a, lora_b, x_lora, x_tasks)
     check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora, x_tasks)
@@ -144,12 +144,10 @@ def mt_lora_linear(
     m = math.prod(lead)  # explicit, as reshape cannot infer -1 for empty tensors
 
     def flat(t):
-        return None if t is None else t.reshape(m, k).contiguous()
+        return None if t is None else t.reshape(m, k)
 
-    x_tasks_2d = None if x_tasks is None else x_tasks.reshape(x_tasks.shape[0], m, k).contiguous()
-    out, _ = OP(
-        flat(x), weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), ranks, scales,
-        bool(shared_in_tasks), flat(x_lora), x_tasks_2d)
+    x_tasks_2d = None if x_tasks is None else x_tasks.reshape(x_tasks.shape[0], m, k)
+    out, _ = OP(flat(x), weight, bias, lora_a, lora_b, ranks, scales, bool(shared_in_tasks), flat(x_lora), x_tasks_2d)
     return out.reshape(len(ranks), *lead, weight.shape[0])
 
 
@@ -164,7 +162,10 @@ def lora_linear(
     x_lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single LoRA: y = x W0ᵀ + b + s · x_lora Aᵀ Bᵀ, x_lora = dropout(x) or x."""
+    if not isinstance(lora_a, torch.Tensor):
+        raise TypeError(f"lora_a must be a torch.Tensor, got {type(lora_a).__name__}")
     if lora_a.dim() != 2:
-        raise ValueError(f"lora_a must have shape (r, K), got {tuple(lora_a.shape)}")
-    return mt_lora_linear(x, weight, bias, lora_a, lora_b, [lora_a.shape[0]], [scale], x_lora=x_lora)[0]
+        raise ValueError(f"lora_a must have shape (r, K), got {shape_str(lora_a)}")
+    return mt_lora_linear(x, weight, bias, lora_a, lora_b, [lora_a.shape[0]], [number("scale", scale)],
+                          x_lora=x_lora)[0]
 

@@ -49,7 +49,7 @@ import torch
 from fastdense.ops import _q_sample_multi_torch
 from fastdense.ops._define import (Backend, Derived, cpp_backend, cuda_backend, define_op, torch_backend,
                                    triton_backend)
-from fastdense.ops._validate import shape_str
+from fastdense.ops._validate import int_list, shape_str
 
 LAYOUTS = ("timestep", "sample")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -188,6 +188,8 @@ def _eager_fast_path(z0: torch.Tensor, noise: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or type(z0) is not torch.Tensor or type(noise) is not torch.Tensor:
         return False
+    if z0.device.type == "meta":  # shape propagation: the operator's fake kernel
+        return False
     if torch.is_grad_enabled() and (z0.requires_grad or noise.requires_grad):
         return False
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
@@ -214,16 +216,16 @@ def q_sample_multi(
     ``reference.q_sample_multi`` for the plain definition.
     """
     if isinstance(timesteps, (list, tuple)):
-        timesteps = torch.tensor(timesteps, dtype=torch.int64)
+        timesteps = torch.tensor(int_list("timesteps", timesteps), dtype=torch.int64)
     shared = check_args(z0, noise, timesteps, alphas_cumprod, layout)
     batch = z0.shape[0]
     rest = z0.shape[1:]
     n = 1
     for s in rest:
         n *= s
-    z0_2d = z0.reshape(batch, n).contiguous()
-    noise_3d = noise.reshape(1 if shared else timesteps.shape[0], batch, n).contiguous()
-    args = (z0_2d, noise_3d, timesteps.to(torch.int64), alphas_cumprod.detach().contiguous(), layout == "sample")
+    z0_2d = z0.reshape(batch, n)
+    noise_3d = noise.reshape(1 if shared else timesteps.shape[0], batch, n)
+    args = (z0_2d, noise_3d, timesteps.to(torch.int64), alphas_cumprod.detach(), layout == "sample")
     out = OP.run_backend(*args) if _eager_fast_path(z0, noise) else OP(*args)
     return out.view(timesteps.shape[0] * batch, *rest)
 

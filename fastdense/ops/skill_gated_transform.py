@@ -129,7 +129,6 @@ def skill_gated_transform(
     c = x.shape[-1]
     n = math.prod(lead)  # explicit, as reshape cannot infer -1 for empty tensors
     out, _ = OP(
-        x.reshape(n, c).contiguous(), w_down.contiguous(), w_up.contiguous(), skills.contiguous(),
-        w_gamma.contiguous(), w_beta.contiguous())
+        x.reshape(n, c), w_down, w_up, skills, w_gamma, w_beta)
     return out.reshape(w_gamma.shape[0], *lead, c)
 
