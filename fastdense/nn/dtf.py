@@ -14,22 +14,34 @@
   Eq. 4: F̃_t = Φ(f_t) + s · (θ_t ⊛ (f_t Aᵀ)) Bᵀ for every task t, all tasks
   in one fused op (:func:`fastdense.ops.ta_lora_dtf`).
 
-Names of the official code (punpunzaz10/TADFormer, models/lora.py) and here:
-``DTF.conv`` → ``DynamicTaskFilter.phi``; ``DTF.chan_FilterNorm`` →
-``DynamicTaskFilter.filter_norm`` (``std``, ``mean`` as there);
-``TAModuleLinear.linear.weight`` → ``TaskAwareLoRALinear.weight`` (nn.Linear's
-place, as every fastdense LoRA layer); ``lora_shared_A``/``lora_shared_B`` and
-``lora_filter`` as there (``lora_filter.<t>.conv2d`` for the static filters).
+Parameter names differ from the released code (punpunzaz10/TADFormer,
+models/lora.py); its checkpoints load through a key converter, not directly:
+
+=====================================  ======================================
+released ``TAModuleLinear``            fastdense ``TaskAwareLoRALinear``
+=====================================  ======================================
+``linear.weight`` / ``linear.bias``    ``weight`` / ``bias`` (nn.Linear's place)
+``lora_shared_A`` / ``lora_shared_B``  the same
+``lora_filter.<task>.conv2d.*``        ``lora_filter.<task>.conv2d.*`` (static)
+``DTF.conv``                           ``lora_filter.phi`` (dynamic)
+``DTF.chan_FilterNorm.{std,mean}``     ``lora_filter.filter_norm.{std,mean}``
+=====================================  ======================================
+
+Task arguments and outputs follow every fastdense multi-task module:
+``tasks`` names (or counts) the tasks, outputs are ``{task: tensor}`` or the
+stacked tensor with ``stacked=True``.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdense.nn._tasks import stack_task_inputs, task_names, task_outputs
 from fastdense.nn.lora import _FrozenBase, _check_dropout, _check_rank, _init_lora_pair
 from fastdense.ops import _dtf_phases
 from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
@@ -193,17 +205,18 @@ class StaticTaskFilter(nn.Module):
 class TaskAwareLoRALinear(_FrozenBase):
     """TADFormer's TA-module (§3.4, Eq. 1 and Eq. 3–4) around a frozen ``nn.Linear`` Φ.
 
-    ``forward(x, x_tasks=None, hw)`` returns ``(shared, tasks)``:
+    ``forward(x, x_tasks=None, hw, stacked=False)`` returns ``(shared, tasks)``:
 
     * ``shared`` (…, N, C_out) = Φ(x) + s · u Aᵀ Bᵀ, u = dropout(x): the shared
       LoRA without filter, i.e. the TS-module path (Eq. 1) of the task-agnostic
       stream. This is what the released ``TAModuleLinear`` returns as its first
       output (``pretrained + lora``).
-    * ``tasks`` (T, …, N, C_out): F̃_t = Φ_t + s · (θ_t ⊛ (f_t Aᵀ)) Bᵀ with the
-      same A, B, θ_t from the Dynamic Task Filter (shared by the tasks, one
-      filter per sample and window) or the task's static filter.
-      f_t = ``x_tasks[t]`` ((T, …, N, C) or a list of T tensors), or u for
-      every task when ``x_tasks`` is None. Φ_t is Φ(f_t) with
+    * ``tasks`` ``{task: (…, N, C_out)}``, or (T, …, N, C_out) with ``stacked``:
+      F̃_t = Φ_t + s · (θ_t ⊛ (f_t Aᵀ)) Bᵀ with the same A, B, θ_t from the
+      Dynamic Task Filter (shared by the tasks, one filter per sample and
+      window) or the task's static filter. f_t = ``x_tasks[t]`` (a dict by
+      task, a list of T tensors or a (T, …, N, C) tensor), or u for every task
+      when ``x_tasks`` is None. Φ_t is Φ(f_t) with
       ``task_base="task"`` (the paper's Eq. 4, T frozen GEMMs) or Φ(x) with
       ``task_base="shared"`` (the released code, which adds the frozen output
       of the shared input to every task: one frozen GEMM).
@@ -211,17 +224,27 @@ class TaskAwareLoRALinear(_FrozenBase):
     ``scale`` is the LoRA scale s (the released code's ``lora_shared_scale``);
     ``alpha`` gives s = alpha / rank instead. ``window`` > 0: the filter runs on
     window × window windows (7 in Swin's attention proj); 0: on the whole map
-    (fc1, fc2). Any number of tasks. A starts Kaiming-uniform(a=√5), B at zero.
+    (fc1, fc2). ``tasks``: the task names, or their number T. A starts
+    Kaiming-uniform(a=√5), B at zero.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, num_tasks: int, scale: float | None = None,
+    def __init__(self, base: nn.Linear, rank: int, tasks=None, scale: float | None = None,
                  alpha: float | None = None, window: int = 0, filter: str = "dynamic", kernel_size: int = 3,
-                 task_base: str = "task", dropout: float = 0.0, freeze_base: bool = True) -> None:
+                 task_base: str = "task", dropout: float = 0.0, freeze_base: bool = True, *,
+                 num_tasks: int | None = None) -> None:
         super().__init__()
+        if num_tasks is not None:  # the keyword of fastdense <= 0.1
+            if tasks is not None:
+                raise ValueError("give tasks (names or a count), not num_tasks as well")
+            warnings.warn("TaskAwareLoRALinear(num_tasks=T) is deprecated: pass tasks=T or the task names",
+                          DeprecationWarning, stacklevel=2)
+            tasks = num_tasks
+        if tasks is None:
+            raise TypeError("TaskAwareLoRALinear needs tasks: the task names or their number")
         weight, bias = self._take_linear(base, freeze_base)
         self._bind_base(weight, bias)
         self.rank = _check_rank(rank, "rank")
-        self.num_tasks = _check_rank(num_tasks, "num_tasks")
+        self.tasks = task_names(tasks)
         if scale is not None and alpha is not None:
             raise ValueError("give scale or alpha (scale = alpha / rank), not both")
         if alpha is not None:
@@ -242,23 +265,15 @@ class TaskAwareLoRALinear(_FrozenBase):
         if filter == "dynamic":
             self.lora_filter = DynamicTaskFilter(rank, kernel_size, window, **factory)
         else:
-            self.lora_filter = nn.ModuleList(StaticTaskFilter(rank, kernel_size, window, **factory)
-                                             for _ in range(num_tasks))
+            # Keyed by task name like the released code's lora_filter.<task>.
+            self.lora_filter = nn.ModuleDict({str(t): StaticTaskFilter(rank, kernel_size, window, **factory)
+                                              for t in self.tasks})
 
-    def _task_inputs(self, x_tasks, lead) -> torch.Tensor:
-        if isinstance(x_tasks, (list, tuple)):
-            if len(x_tasks) != self.num_tasks:
-                raise ValueError(f"x_tasks must hold num_tasks={self.num_tasks} tensors, got {len(x_tasks)}")
-            x_tasks = torch.stack(list(x_tasks))
-        if not isinstance(x_tasks, torch.Tensor):
-            raise TypeError(f"x_tasks must be a tensor (T, ..., N, C), a list of T tensors or None, "
-                            f"got {type(x_tasks).__name__}")
-        if tuple(x_tasks.shape) != (self.num_tasks, *lead, self.in_features):
-            raise ValueError(f"x_tasks must have shape (T={self.num_tasks}, *x.shape) = "
-                             f"{(self.num_tasks, *lead, self.in_features)}, got {tuple(x_tasks.shape)}")
-        return x_tasks
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
 
-    def forward(self, x: torch.Tensor, x_tasks=None, hw: Sequence[int] | None = None):
+    def forward(self, x: torch.Tensor, x_tasks=None, hw: Sequence[int] | None = None, stacked: bool = False):
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., N, C={self.in_features}), got {tuple(x.shape)}")
         if hw is None:
@@ -274,7 +289,8 @@ class TaskAwareLoRALinear(_FrozenBase):
         if x_tasks is None:
             f, base_out = u, base_x
         else:
-            f = self._task_inputs(x_tasks, lead).reshape(self.num_tasks, batch, n, self.in_features)
+            f = stack_task_inputs(self.tasks, x_tasks, (*lead, self.in_features))
+            f = f.reshape(self.num_tasks, batch, n, self.in_features)
             base_out = F.linear(f, self.weight, self.bias) if self.task_base == "task" else base_x
         if self.filter == "dynamic":
             dtf = self.lora_filter
@@ -282,17 +298,18 @@ class TaskAwareLoRALinear(_FrozenBase):
                                 dtf.phi_weight, dtf.phi.bias, dtf.filter_norm.std, dtf.filter_norm.mean,
                                 self.window, num_tasks=self.num_tasks)
         else:
-            weights = torch.stack([m.filter_weight for m in self.lora_filter])
+            filters = [self.lora_filter[str(t)] for t in self.tasks]
+            weights = torch.stack([m.filter_weight for m in filters])
             biases = None
-            if self.lora_filter[0].conv2d.bias is not None:
-                biases = torch.stack([m.conv2d.bias for m in self.lora_filter])
+            if filters[0].conv2d.bias is not None:
+                biases = torch.stack([m.conv2d.bias for m in filters])
             tasks = ta_lora_dtf(f, base_out, self.lora_shared_A, self.lora_shared_B, self.scale, hw,
                                 window=self.window, filter="static", static_weight=weights, static_bias=biases,
                                 num_tasks=self.num_tasks)
         return (shared.reshape(*lead, self.out_features),
-                tasks.reshape(self.num_tasks, *lead, self.out_features))
+                task_outputs(self.tasks, tasks.reshape(self.num_tasks, *lead, self.out_features), stacked))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"num_tasks={self.num_tasks}, scale={self.scale}, window={self.window}, filter={self.filter!r}, "
+                f"tasks={self.tasks}, scale={self.scale}, window={self.window}, filter={self.filter!r}, "
                 f"task_base={self.task_base!r}")

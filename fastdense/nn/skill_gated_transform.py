@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from fastdense.nn._tasks import task_names, task_outputs
 from fastdense.ops import skill_gated_transform
 
 __all__ = ["TaskDynamicSkillAdapter", "swin_tdsa_parameters"]
@@ -53,17 +54,6 @@ def _positive_int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{what} must be a positive int, got {v!r}")
     return v
-
-
-def _task_names(tasks) -> tuple:
-    if isinstance(tasks, int) and not isinstance(tasks, bool):
-        return tuple(range(_positive_int(tasks, "tasks")))
-    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) == 0:
-        raise ValueError(f"tasks must be a positive int or a non-empty sequence of task names, got {tasks!r}")
-    names = tuple(tasks)
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names!r}")
-    return names
 
 
 class TaskDynamicSkillAdapter(nn.Module):
@@ -86,7 +76,7 @@ class TaskDynamicSkillAdapter(nn.Module):
         self.dim = _positive_int(dim, "dim")
         self.rank = _positive_int(max(1, dim // 4) if rank is None else rank, "rank")
         self.num_skills = _positive_int(num_skills, "num_skills")
-        self.tasks = _task_names(tasks)
+        self.tasks = task_names(tasks)
         t, c, r, m = len(self.tasks), self.dim, self.rank, self.num_skills
         kw = {"device": device, "dtype": dtype}
         self.w_down = nn.Parameter(torch.empty(c, r, **kw))        # W_d
@@ -117,9 +107,7 @@ class TaskDynamicSkillAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, stacked: bool = False):
         out = skill_gated_transform(x, self.w_down, self.w_up, self.skills, self.w_gamma, self.w_beta)
-        if stacked:
-            return out
-        return dict(zip(self.tasks, out.unbind(0)))
+        return task_outputs(self.tasks, out, stacked)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, num_skills={self.num_skills}, tasks={self.tasks}"

@@ -101,7 +101,7 @@ def tadformer_ta_module(layer: TaskAwareLoRALinear, x, x_tasks, hw):
             else:
                 z = tadformer_dtf(layer.lora_filter, z)
         else:
-            z = layer.lora_filter[t].conv2d(z)
+            z = layer.lora_filter[str(t)].conv2d(z)
         z = z.permute(0, 2, 3, 1).reshape(b, n, -1)
         base = F.linear(f, layer.weight, layer.bias) if layer.task_base == "task" else pretrained
         outs.append(base + z @ layer.lora_shared_B.t() * layer.scale)
@@ -117,19 +117,19 @@ def _layer(cin, cout, **kw):
 
 
 @pytest.mark.parametrize("kw,task_inputs", [
-    (dict(rank=4, num_tasks=1), True),
-    (dict(rank=4, num_tasks=3, scale=2.0), True),
-    (dict(rank=4, num_tasks=5, alpha=8.0, task_base="shared"), True),
-    (dict(rank=4, num_tasks=2), False),
-    (dict(rank=4, num_tasks=3, filter="static"), True),
-    (dict(rank=4, num_tasks=2, filter="static", task_base="shared"), False),
+    (dict(rank=4, tasks=1), True),
+    (dict(rank=4, tasks=3, scale=2.0), True),
+    (dict(rank=4, tasks=5, alpha=8.0, task_base="shared"), True),
+    (dict(rank=4, tasks=2), False),
+    (dict(rank=4, tasks=3, filter="static"), True),
+    (dict(rank=4, tasks=2, filter="static", task_base="shared"), False),
 ], ids=["T1", "T3", "T5-sharedbase", "T2-noxtasks", "T3-static", "T2-static-sharedbase"])
 def test_ta_module_matches_the_released_code(kw, task_inputs):
     layer = _layer(10, 6, **kw)
     hw = (7, 9)
     x = torch.randn(2, 63, 10, dtype=torch.float64, requires_grad=True)
     x_tasks = torch.randn(layer.num_tasks, 2, 63, 10, dtype=torch.float64, requires_grad=True) if task_inputs else None
-    shared, tasks = layer(x, x_tasks, hw)
+    shared, tasks = layer(x, x_tasks, hw, stacked=True)
     ref_shared, ref_tasks = tadformer_ta_module(layer, x, x_tasks, hw)
     torch.testing.assert_close(shared, ref_shared, **F64)
     torch.testing.assert_close(tasks, ref_tasks, **F64)
@@ -143,22 +143,22 @@ def test_ta_module_matches_the_released_code(kw, task_inputs):
 
 
 def test_ta_module_windows_and_list_inputs():
-    layer = _layer(8, 5, rank=4, num_tasks=2, window=7)
+    layer = _layer(8, 5, rank=4, tasks=2, window=7)
     hw = (9, 10)
     x = torch.randn(1, 90, 8, dtype=torch.float64)
     x_tasks = [torch.randn(1, 90, 8, dtype=torch.float64) for _ in range(2)]
-    shared, tasks = layer(x, x_tasks, hw)
+    shared, tasks = layer(x, x_tasks, hw, stacked=True)
     ref_shared, ref_tasks = tadformer_ta_module(layer, x, torch.stack(x_tasks), hw)
     torch.testing.assert_close(tasks, ref_tasks, **F64)
     torch.testing.assert_close(shared, ref_shared, **F64)
 
 
 def test_frozen_base_and_trainable_adapter():
-    layer = TaskAwareLoRALinear(nn.Linear(8, 6), rank=4, num_tasks=3)
+    layer = TaskAwareLoRALinear(nn.Linear(8, 6), rank=4, tasks=3)
     with torch.no_grad():
         layer.lora_shared_B.normal_()  # at B = 0, A and the filter get no gradient
     x = torch.randn(2, 30, 8)
-    shared, tasks = layer(x, torch.randn(3, 2, 30, 8), (5, 6))
+    shared, tasks = layer(x, torch.randn(3, 2, 30, 8), (5, 6), stacked=True)
     (shared.sum() + tasks.square().sum()).backward()
     assert layer.weight.grad is None and layer.bias.grad is None
     assert not layer.weight.requires_grad
@@ -174,28 +174,51 @@ def test_frozen_base_and_trainable_adapter():
 
 def test_state_dict_names_static_and_linear_loading():
     base = nn.Linear(8, 6)
-    layer = TaskAwareLoRALinear(base, rank=4, num_tasks=2, filter="static")
+    layer = TaskAwareLoRALinear(base, rank=4, tasks=2, filter="static")
     assert set(layer.state_dict()) == {
         "weight", "bias", "lora_shared_A", "lora_shared_B",
         "lora_filter.0.conv2d.weight", "lora_filter.0.conv2d.bias",
         "lora_filter.1.conv2d.weight", "lora_filter.1.conv2d.bias"}
     # A plain Linear's state dict loads into the layer (LoRA keys are extra).
-    fresh = TaskAwareLoRALinear(nn.Linear(8, 6), rank=4, num_tasks=2, filter="static")
+    fresh = TaskAwareLoRALinear(nn.Linear(8, 6), rank=4, tasks=2, filter="static")
     missing, unexpected = fresh.load_state_dict(nn.Linear(8, 6).state_dict(), strict=False)
     assert not unexpected and all(k.startswith("lora_") for k in missing)
     # At init B = 0: every output is the frozen layer's.
     x = torch.randn(1, 30, 8)
-    shared, tasks = layer(x, None, (5, 6))
+    shared, tasks = layer(x, None, (5, 6), stacked=True)
     torch.testing.assert_close(shared, base(x))
     torch.testing.assert_close(tasks, base(x).expand(2, -1, -1, -1))
 
 
+def test_tasks_by_name_give_a_dict_and_the_released_filter_names():
+    layer = TaskAwareLoRALinear(nn.Linear(8, 6), rank=4, tasks=["semseg", "normals"], filter="static")
+    assert {k for k in layer.state_dict() if k.startswith("lora_filter.")} == {
+        f"lora_filter.{t}.conv2d.{p}" for t in ("semseg", "normals") for p in ("weight", "bias")}
+    with torch.no_grad():
+        layer.lora_shared_B.normal_()
+    x = torch.randn(2, 30, 8)
+    x_tasks = {"normals": torch.randn(2, 30, 8), "semseg": torch.randn(2, 30, 8)}
+    shared, tasks = layer(x, x_tasks, (5, 6))
+    assert list(tasks) == ["semseg", "normals"]
+    _, stacked = layer(x, [x_tasks["semseg"], x_tasks["normals"]], (5, 6), stacked=True)
+    for i, name in enumerate(("semseg", "normals")):
+        torch.testing.assert_close(tasks[name], stacked[i])
+    with pytest.raises(ValueError, match="one entry per task"):
+        layer(x, {"semseg": x}, (5, 6))
+
+
+def test_num_tasks_keyword_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="num_tasks"):
+        layer = TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, num_tasks=3)
+    assert layer.tasks == (0, 1, 2) and layer.num_tasks == 3
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="filter must be one of"):
-        TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, num_tasks=2, filter="conv")
+        TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, tasks=2, filter="conv")
     with pytest.raises(ValueError, match="scale or alpha"):
-        TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, num_tasks=2, scale=1.0, alpha=2.0)
-    layer = TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, num_tasks=2)
+        TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, tasks=2, scale=1.0, alpha=2.0)
+    layer = TaskAwareLoRALinear(nn.Linear(4, 4), rank=2, tasks=2)
     with pytest.raises(ValueError, match="x_tasks must"):
         layer(torch.randn(1, 6, 4), [torch.randn(1, 6, 4)], (2, 3))
     with pytest.raises(ValueError, match="hw"):
@@ -207,7 +230,7 @@ def test_bad_arguments():
 def test_lora_parameters_and_mark_only_lora_trainable_see_the_ta_module():
     from fastdense.nn import lora_parameters, mark_only_lora_trainable
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), TaskAwareLoRALinear(torch.nn.Linear(8, 12), rank=4, num_tasks=3))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), TaskAwareLoRALinear(torch.nn.Linear(8, 12), rank=4, tasks=3))
     mark_only_lora_trainable(model)
     ta = model[1]
     expected = {name for name, _ in ta.named_parameters() if name.startswith("lora_")}
