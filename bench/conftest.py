@@ -19,6 +19,7 @@ Throughput
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -27,12 +28,14 @@ from typing import Callable
 import pytest
 import torch
 
-from fastdense.cli import device_tag, gpu_tag
-from fastdense.ops import _dispatch
+from _cases import backend_request
+from fastdense._device import device_tag, gpu_tag
+from fastdense.ops import BackendNotSupportedError, _dispatch
+from fastdense.testing.backends import forced
 
-# Peak figures from /work/shared/reference.md, "Hardware limits". The H100
-# entry is the SXM part (HBM3); PCIe and NVL H100s have other bandwidths and
-# get no entry rather than a wrong one.
+# Peak HBM bandwidth and dense bf16 tensor-core throughput from NVIDIA's
+# datasheets. The H100 entry is the SXM part (HBM3); PCIe and NVL H100s have
+# other bandwidths and get no entry rather than a wrong one.
 PEAKS = {
     "nvidia-h100": {"bytes_per_s": 3.35e12, "bf16_flop_per_s": 989e12, "part": "H100 SXM"},
     "nvidia-h200": {"bytes_per_s": 4.8e12, "bf16_flop_per_s": 989e12, "part": "H200"},
@@ -198,33 +201,31 @@ def measure():
 
 
 @pytest.fixture
-def use_backend(monkeypatch, device):
-    """``use_backend(op, name, op_args)``: run ``op`` with backend ``name`` for the rest of the case.
+def use_backend(device):
+    """``use_backend(op, impl, op_args, info)``: run implementation ``impl`` of a case
+    on its backend for the rest of the case, and record that backend as
+    ``info["backend"]`` (nothing for a baseline that does not call the op).
 
-    Skips the case, with the reasons, when ``name`` cannot run ``op_args``
-    here; Triton on CPU tensors is never benchmarked (interpreter only).
-    ``name=None`` undoes any forcing so dispatch picks. Returns the backend
-    that runs, for ``extra_info["backend"]``. It forces through
-    FASTDENSE_BACKEND because the environment variable, unlike
-    ``fastdense.ops.backend()``, is also seen by the autograd engine's CUDA
-    worker thread that runs backward.
+    ``fused-<backend>`` forces that backend, and skips the case, with the
+    reasons, where it cannot run ``op_args`` here; Triton on CPU tensors is
+    never benchmarked (interpreter only). ``fused`` (and ``...+fused``) runs
+    automatic dispatch, whatever FASTDENSE_BACKEND says.
     """
-    def use(op: str, name: str | None, op_args: tuple) -> str:
-        if name is None:
-            monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
-            return _dispatch.select(op, device.type, *op_args).backend
-        if name == "triton" and device.type == "cpu":
-            pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, which is not benchmarked")
-        impls = _dispatch.implementations(op)
-        if name not in impls:
-            pytest.skip(f"{op} has no {name} backend")
-        reasons = impls[name].reasons(*op_args)
-        if reasons:
-            pytest.skip(f"{name}: " + "; ".join(reasons))
-        monkeypatch.setenv("FASTDENSE_BACKEND", name)
-        return name
+    with contextlib.ExitStack() as stack:
+        def use(op: str, impl: str, op_args: tuple, info: dict) -> None:
+            runs_op, name = backend_request(impl)
+            if not runs_op:
+                return
+            if name == "triton" and device.type == "cpu":
+                pytest.skip("triton: Triton kernels on CPU tensors only run in the interpreter, "
+                            "which is not benchmarked")
+            try:
+                stack.enter_context(forced(name, op, *op_args))
+            except BackendNotSupportedError as exc:
+                pytest.skip(str(exc))
+            info["backend"] = name or _dispatch.select(op, device.type, *op_args).backend
 
-    return use
+        yield use
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,10 @@
     python bench/report.py bench/results/*.json --readme README.md    # refresh README's table
 
 Rows are grouped by suite: ``extra_info["suite"]`` where a benchmark sets it,
-else the bench file (``bench/test_bench_lora.py::...`` is suite ``lora``).
+else the bench file (``bench/test_bench_lora.py::...`` is suite ``lora``). An op
+suite is named after its op family (``lora``, ``dtf``, ``attn_mask_aggregate``,
+``skill_gated_transform``, ``q_sample_multi``); results written before the
+suites had those names are read under the new ones (:data:`RENAMED_SUITES`).
 Each suite gets a heading and one table: a row per case (and mode), a column
 per implementation (``extra_info["impl"]``, else ``"variant"``), each cell the
 median time and the speed-up over the suite's baseline implementation on the
@@ -40,19 +43,25 @@ MEASUREMENT_KEYS = {
     "bytes", "flops", "gbps", "tflops", "peak_part", "goal_pct",
 }
 MEASUREMENT_PATTERN = re.compile(r"(_ms|_s|_mb|_pct|_per_s|_per_cpu_s)$|^(speedup|pct_|candidate|unet_calls)")
+# Suite names of earlier result files (their bench files' names) -> the op family names used now.
+RENAMED_SUITES = {"attn_aggregate": "attn_mask_aggregate", "adapters": "dtf", "skill_adapter": "skill_gated_transform",
+                  "q_sample": "q_sample_multi"}
 
 
 # ----------------------------------------------------------------------------- loading
 def suite_of(bench: dict) -> str:
-    """``extra_info["suite"]``, else the bench file's name without ``test_bench_`` (``lora``)."""
+    """``extra_info["suite"]``, else the bench file's name without ``test_bench_`` (``lora``);
+    an earlier name of a suite is read as its current one."""
     info = bench.get("extra_info") or {}
     if info.get("suite"):
-        return str(info["suite"])
-    stem = Path(str(bench.get("fullname", "")).split("::")[0]).stem
-    for prefix in ("test_bench_", "test_"):
-        if stem.startswith(prefix):
-            return stem[len(prefix):]
-    return stem or "unknown"
+        name = str(info["suite"])
+    else:
+        name = Path(str(bench.get("fullname", "")).split("::")[0]).stem
+        for prefix in ("test_bench_", "test_"):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+    return RENAMED_SUITES.get(name, name) or "unknown"
 
 
 def load_data(data: dict, path: Path | str = "<memory>") -> dict:
@@ -188,15 +197,16 @@ def _lora_note(rows: list) -> str:
 SUITES: dict[str, Suite] = {
     "lora": Suite("Multi-task LoRA linear", _lora_note, named("mtlora-loop"),
                   "the MTLoRA-style eager loop", _swin_case),
-    "attn_aggregate": Suite(
+    "attn_mask_aggregate": Suite(
         "Attention-mask aggregation", "M_attn = M_saᵀ M_ca on Stable Diffusion self-attention shapes; "
         "the `sdpa*` columns also compute the attention output and compare with `sdpa+probs`",
         _attn_baseline, "the materialised-softmax reference", _attn_case),
-    "adapters": Suite("TADFormer TA-LoRA with Dynamic Task Filter", "TA-module (T = 4 tasks) on Swin-T shapes",
+    "dtf": Suite("TADFormer TA-LoRA with Dynamic Task Filter", "TA-module (T = 4 tasks) on Swin-T shapes",
                       named("tadformer-loop"), "the TADFormer-style per-task eager loop", _swin_case),
-    "skill_adapter": Suite("TDSS skill-gated transform", "All T = 4 task outputs on Swin-T shapes (R = C/4, M = 10)", heuristic,
-                           "the per-task eager loop", _swin_case),
-    "q_sample": Suite("Multi-timestep noising (q_sample_multi)", "The k noised latents of one clean latent",
+    "skill_gated_transform": Suite("TDSS skill-gated transform",
+                                   "All T = 4 task outputs on Swin-T shapes (R = C/4, M = 10)", heuristic,
+                                   "the per-task eager loop", _swin_case),
+    "q_sample_multi": Suite("Multi-timestep noising (q_sample_multi)", "The k noised latents of one clean latent",
                       named("diffusers-loop"), "a loop of diffusers' `DDPMScheduler.add_noise`", _q_sample_case),
     "timesteps": Suite("Diffusion features at k timesteps", "U-Net up-block features, one batched pass "
                        "against one pass per timestep", named("sequential-unet"),

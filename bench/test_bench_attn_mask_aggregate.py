@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 
 import fastdense
-from fastdense.ops import _dispatch, reference
+from _cases import ON_GPU, assert_computes, impl_params, maybe_compiled, measure_modes, random
+from fastdense.ops import reference
 
+SUITE = "attn_mask_aggregate"
 OP = "attn_mask_aggregate"
-ON_GPU = torch.cuda.is_available()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +87,8 @@ def _compiled_case(shape: Shape) -> bool:
 
 def _cases():
     for shape in SHAPES:
-        for impl in ("fused", *(f"fused-{b}" for b in _dispatch.BACKENDS), "reference"):
-            yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
-        if _compiled_case(shape):
-            yield pytest.param(shape, "reference-compiled", id=f"{shape.id}-reference-compiled",
-                               marks=[pytest.mark.compile, pytest.mark.slow])
+        yield from impl_params(shape, ["reference"], "reference-compiled" if _compiled_case(shape) else None,
+                               slow=True)
         for impl in ("sdpa+probs", "sdpa-lse+fused"):
             yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
 
@@ -98,10 +96,7 @@ def _cases():
 # ----------------------------------------------------------------------------- inputs and cost model
 def make_inputs(shape: Shape, device, dtype) -> dict:
     b, h, length, d, n = shape.batch, shape.heads, shape.tokens, shape.head_dim, shape.concepts
-
-    def randn(*size):
-        return torch.randn(*size, device=device, dtype=torch.float32).to(dtype)
-
+    randn = random(device, dtype)
     return {
         "q": randn(b, h, length, d),
         "k": randn(b, h, length, d),
@@ -154,9 +149,9 @@ def fused_impl(t):
     return forward, [q, k, m]
 
 
-def reference_impl(t, compiled=False):
+def reference_impl(t, impl: str):
     q, k, m = _leaves(t, ("q", "k", "m_ca"))
-    fn = torch.compile(reference.attn_mask_aggregate) if compiled else reference.attn_mask_aggregate
+    fn = maybe_compiled(impl, reference.attn_mask_aggregate)
 
     def forward():
         return fn(q, k, m, t["scale"]), None
@@ -201,27 +196,17 @@ def test_attn_mask_aggregate(benchmark, measure, use_backend, device, dtype, sha
     info = {"impl": impl, "mode": mode, "layer": shape.name, "batch": shape.batch, "heads": shape.heads,
             "tokens": shape.tokens, "head_dim": shape.head_dim, "concepts": shape.concepts,
             "includes_sdpa": with_sdpa}
-    if impl.startswith("fused-"):
-        # No cuda backend is registered: a CUDA kernel is only worth it if it beats Triton.
-        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
-    elif impl in ("fused", "sdpa-lse+fused"):
-        info["backend"] = use_backend(OP, None, op_args)
+    # fused-cuda is skipped: no cuda backend is registered (a CUDA kernel is only worth it if it beats Triton).
+    use_backend(OP, impl, op_args, info)
 
     if impl.startswith("fused"):
         forward, leaves = fused_impl(t)
     elif impl.startswith("reference"):
-        compiled = impl.endswith("compiled")
-        if compiled:
-            torch._dynamo.reset()
-        forward, leaves = reference_impl(t, compiled=compiled)
+        forward, leaves = reference_impl(t, impl)
     elif impl == "sdpa+probs":
         forward, leaves = sdpa_probs_impl(t)
     else:
         forward, leaves = sdpa_lse_fused_impl(t)
-
-    def reset():
-        for leaf in leaves:
-            leaf.grad = None
 
     def fwd_bwd():
         out, attn = forward()
@@ -230,16 +215,10 @@ def test_attn_mask_aggregate(benchmark, measure, use_backend, device, dtype, sha
         else:
             torch.autograd.backward([out, attn], [t["grad"], t["grad_attn"]])
 
-    fn = (lambda: forward()) if mode == "fwd" else fwd_bwd
-
     # Guard: what is measured computes the right map.
-    got = forward()[0].detach().float()
-    expected = _expected(shape, device, dtype)
-    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * max(1.0, expected.abs().max().item())
-    err = (got - expected).abs().max().item()
-    assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
+    assert_computes(impl, forward()[0].detach(), _expected(shape, device, dtype), dtype)
 
     bytes_moved, flops = cost(shape, t["q"].element_size(), mode, with_sdpa)
-    benchmark.group = f"{mode} {shape.id}{' +sdpa' if with_sdpa else ''}"
-    measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True, warmup=1)
+    measure_modes(benchmark, measure, suite=SUITE, case_id=shape.id + (" +sdpa" if with_sdpa else ""), mode=mode,
+                  forward=forward, leaves=leaves, grad=None, fwd_bwd=fwd_bwd, device=device, dtype=dtype, info=info,
+                  bytes_moved=bytes_moved, flops=flops, first_call=True, warmup=1)

@@ -8,6 +8,7 @@ Implementations, on each case:
 * ``mtlora-loop``      written like MTLoRA's ``MTLoRALinear``: the frozen linear
                        once, then a Python loop of per-task ``x Aᵀ Bᵀ s`` GEMMs,
                        returning ``(shared, {task: out})``
+                       (``fastdense.testing.baselines.mtlora_loop``)
 * ``mtlora-loop-compiled``  that function under ``torch.compile`` (few cases:
                        marked ``compile``)
 * ``peft``             one peft LoRA-wrapped ``nn.Linear`` per adapter (shared
@@ -34,7 +35,6 @@ dx, dA, dB.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
@@ -42,54 +42,23 @@ import torch
 import torch.nn as nn
 
 import fastdense
-from fastdense.cli import mtlora_loop
-from fastdense.ops import _dispatch
+from _cases import (ON_GPU, SWIN_T_448, SwinLayer, assert_computes, impl_params, maybe_compiled, measure_modes, random,
+                    stacked)
+from fastdense.testing.baselines import mtlora_inputs, mtlora_loop
 
-
+SUITE = "lora"
 OP = "mt_lora_linear"
 TASKS = 4
 SHARED_RANK, TASK_RANK, SCALE = 64, 4, 4.0
 RANKS = [SHARED_RANK] + [TASK_RANK] * TASKS
 SCALES = [SCALE] * (1 + TASKS)
-ON_GPU = torch.cuda.is_available()
 
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    stage: int
-    side: int  # tokens per image side
-    channels: int
-    layer: str  # "proj" (C -> C) or "fc1" (C -> 4C)
-    batch: int
-
-    @property
-    def tokens(self) -> int:
-        return self.side * self.side
-
-    @property
-    def in_features(self) -> int:
-        return self.channels
-
-    @property
-    def out_features(self) -> int:
-        return self.channels * (4 if self.layer == "fc1" else 1)
-
-    @property
-    def rows(self) -> int:
-        return self.batch * self.tokens
-
-    @property
-    def id(self) -> str:
-        return f"s{self.stage}-{self.side}x{self.side}-C{self.channels}-{self.layer}"
-
-
-SWIN_T_448 = [(1, 112, 96), (2, 56, 192), (3, 28, 384), (4, 14, 768)]
 STAGES = SWIN_T_448 if ON_GPU else SWIN_T_448[2:]
 BATCH = 8 if ON_GPU else 1
-SHAPES = [Shape(stage, side, c, layer, BATCH) for stage, side, c in STAGES for layer in ("proj", "fc1")]
+SHAPES = [SwinLayer(stage, side, c, BATCH, layer) for stage, side, c in STAGES for layer in ("proj", "fc1")]
 
 
-def _compiled_case(shape: Shape) -> bool:
+def _compiled_case(shape: SwinLayer) -> bool:
     # torch.compile warms up for tens of seconds per shape and mode; the
     # largest layer of each stage is enough to see what compilation buys.
     return shape.layer == "fc1" and (ON_GPU or shape.stage == 4)
@@ -98,38 +67,21 @@ def _compiled_case(shape: Shape) -> bool:
 def _cases():
     peft_missing = importlib.util.find_spec("peft") is None
     for shape in SHAPES:
-        for impl in ("fused", *(f"fused-{b}" for b in _dispatch.BACKENDS), "mtlora-loop"):
-            yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
-        if _compiled_case(shape):
-            yield pytest.param(shape, "mtlora-loop-compiled", id=f"{shape.id}-mtlora-loop-compiled",
-                               marks=[pytest.mark.compile, pytest.mark.slow])
+        yield from impl_params(shape, ["mtlora-loop"], "mtlora-loop-compiled" if _compiled_case(shape) else None,
+                               slow=True)
         yield pytest.param(shape, "peft", id=f"{shape.id}-peft",
                            marks=[pytest.mark.skipif(peft_missing, reason="peft is not installed (pip install peft)")])
 
 
 # ----------------------------------------------------------------------------- inputs and cost model
+def make_inputs(shape: SwinLayer, device, dtype) -> dict:
+    return mtlora_inputs(random(device, dtype), batch=shape.batch, tokens=shape.tokens, in_features=shape.channels,
+                         out_features=shape.out_features, ranks=RANKS, bias_std=0.02)
 
 
-def make_inputs(shape: Shape, device, dtype) -> dict:
-    k, n, r = shape.in_features, shape.out_features, sum(RANKS)
-
-    def randn(*size, std=1.0):
-        return (torch.randn(*size, device=device, dtype=torch.float32) * std).to(dtype)
-
-    # B is random, not LoRA's zero init, so no implementation can gain from zeros.
-    return {
-        "x": randn(shape.batch, shape.tokens, k),
-        "weight": randn(n, k, std=k ** -0.5),
-        "bias": randn(n, std=0.02),
-        "lora_a": randn(r, k, std=k ** -0.5),
-        "lora_b": randn(n, r, std=r ** -0.5),
-        "grad": randn(1 + TASKS, shape.batch, shape.tokens, n),
-    }
-
-
-def cost(shape: Shape, itemsize: int, mode: str) -> tuple[int, int]:
+def cost(shape: SwinLayer, itemsize: int, mode: str) -> tuple[int, int]:
     """(minimal bytes moved, FLOPs) of one call; see the module docstring."""
-    m, k, n, r, g = shape.rows, shape.in_features, shape.out_features, sum(RANKS), 1 + TASKS
+    m, k, n, r, g = shape.rows, shape.channels, shape.out_features, sum(RANKS), 1 + TASKS
     fwd_elems = m * k + n * k + n + r * k + n * r + g * m * n
     fwd_flops = 2 * m * (k * n + k * r + r * n)
     if mode == "fwd":
@@ -142,8 +94,6 @@ def cost(shape: Shape, itemsize: int, mode: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- implementations
 # Each returns (forward() -> outputs as one (1 + T, ...) tensor or a list of
 # them, leaves whose .grad backward fills).
-
-
 def fused_impl(t):
     x = t["x"].requires_grad_(True)
     a, b = t["lora_a"].requires_grad_(True), t["lora_b"].requires_grad_(True)
@@ -154,12 +104,12 @@ def fused_impl(t):
     return forward, [x, a, b]
 
 
-def loop_impl(t, compiled: bool = False):
+def loop_impl(t, impl: str):
     x = t["x"].requires_grad_(True)
     # One leaf pair per adapter, as MTLoRA holds one nn.Linear pair per task.
     a_list = [a.clone().requires_grad_(True) for a in t["lora_a"].split(RANKS, 0)]
     b_list = [b.clone().requires_grad_(True) for b in t["lora_b"].split(RANKS, 1)]
-    fn = torch.compile(mtlora_loop) if compiled else mtlora_loop
+    fn = maybe_compiled(impl, mtlora_loop)
 
     def forward():
         shared, tasks = fn(x, t["weight"], t["bias"], a_list, b_list, SCALES)
@@ -206,13 +156,7 @@ def peft_impl(t):
     return forward, leaves
 
 
-def _stacked(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else torch.stack(out)
-
-
 # ----------------------------------------------------------------------------- the benchmark
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape, impl", list(_cases()))
 def test_mt_lora_linear(benchmark, measure, use_backend, device, dtype, shape, impl, mode):
@@ -220,50 +164,25 @@ def test_mt_lora_linear(benchmark, measure, use_backend, device, dtype, shape, i
     op_args = (t["x"].reshape(shape.rows, -1), t["weight"], t["bias"], t["lora_a"], t["lora_b"],
                RANKS, SCALES, False, None, None)
     info = {"impl": impl, "mode": mode, "stage": shape.stage, "layer": shape.layer, "batch": shape.batch,
-            "tokens": shape.tokens, "in_features": shape.in_features, "out_features": shape.out_features,
+            "tokens": shape.tokens, "in_features": shape.channels, "out_features": shape.out_features,
             "tasks": TASKS, "ranks": RANKS}
-    if impl.startswith("fused-"):
-        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
-    elif impl == "fused":
-        info["backend"] = use_backend(OP, None, op_args)
+    use_backend(OP, impl, op_args, info)
 
     if impl.startswith("fused"):
         forward, leaves = fused_impl(t)
     elif impl.startswith("mtlora-loop"):
-        compiled = impl.endswith("compiled")
-        if compiled:
-            torch._dynamo.reset()  # each shape compiles afresh instead of hitting the recompile limit
-        forward, leaves = loop_impl(t, compiled=compiled)
+        forward, leaves = loop_impl(t, impl)
     else:
         forward, leaves = peft_impl(t)
-
-    grad_stacked, grads = t["grad"], list(t["grad"].unbind(0))
-
-    def reset():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def fwd_bwd():
-        out = forward()
-        if isinstance(out, torch.Tensor):
-            out.backward(grad_stacked)  # unbinding would make autograd re-stack the gradient: a copy
-        else:
-            torch.autograd.backward(out, grads)
-
-    fn = forward if mode == "fwd" else fwd_bwd
 
     # Guard: an implementation measured on these inputs computes the right thing.
     # Its forward runs with autograd on, as timed, so torch.compile builds one graph, not two.
     with torch.no_grad():
         expected = fastdense.ops.reference.mt_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"],
                                                          t["lora_b"], RANKS, SCALES)
-    got = _stacked(forward()).detach()
-    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * max(1.0, expected.abs().max().item())
-    err = (got.float() - expected.float()).abs().max().item()
-    assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
+    assert_computes(impl, stacked(forward()).detach(), expected, dtype)
 
     bytes_moved, flops = cost(shape, t["x"].element_size(), mode)
-    benchmark.group = f"{mode} {shape.id}"
-    measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True)
-
+    measure_modes(benchmark, measure, suite=SUITE, case_id=shape.id, mode=mode, forward=forward, leaves=leaves,
+                  grad=t["grad"], device=device, dtype=dtype, info=info, bytes_moved=bytes_moved, flops=flops,
+                  first_call=True)

@@ -31,11 +31,12 @@ import pytest
 import torch
 
 import fastdense
-from fastdense.ops import _dispatch, reference
+from _cases import ON_GPU, assert_computes, impl_params, maybe_compiled, measure_modes
+from fastdense.ops import reference
 
+SUITE = "q_sample_multi"
 OP = "q_sample_multi"
 TIMESTEPS = (1, 100, 200, 300)
-ON_GPU = torch.cuda.is_available()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +57,8 @@ BW_SHAPES = [Shape(256, False)] if ON_GPU else []  # bandwidth case, GPU only (s
 
 def _cases():
     for shape in SHAPES + BW_SHAPES:
-        for impl in ("fused", *(f"fused-{b}" for b in _dispatch.BACKENDS), "diffusers-loop", "reference"):
-            yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
-        if shape.batch == 8 or shape in BW_SHAPES:
-            yield pytest.param(shape, "reference-compiled", id=f"{shape.id}-reference-compiled",
-                               marks=[pytest.mark.compile])
+        compiled = shape.batch == 8 or shape in BW_SHAPES
+        yield from impl_params(shape, ["diffusers-loop", "reference"], "reference-compiled" if compiled else None)
 
 
 def cost(shape: Shape, itemsize: int, mode: str) -> int:
@@ -94,10 +92,7 @@ def test_q_sample_multi(benchmark, measure, use_backend, device, dtype, shape, i
 
     # The op's flat (B, N) and (k or 1, B, N) layout, which backends check.
     op_args = (z0.reshape(b, -1), noise.reshape(-1, b, z0[0].numel()), ts, alphas, False)
-    if impl.startswith("fused-"):
-        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
-    elif impl == "fused":
-        info["backend"] = use_backend(OP, None, op_args)
+    use_backend(OP, impl, op_args, info)
 
     if impl.startswith("fused"):
         def forward():
@@ -109,31 +104,17 @@ def test_q_sample_multi(benchmark, measure, use_backend, device, dtype, shape, i
             outs = [scheduler.add_noise(z0, noise if shape.shared else noise[i], per_sample[i]) for i in range(k)]
             return torch.cat(outs)
     else:
-        fn = reference.q_sample_multi
-        if impl == "reference-compiled":
-            torch._dynamo.reset()
-            fn = torch.compile(fn)
+        fn = maybe_compiled(impl, reference.q_sample_multi)
 
         def forward():
             return fn(z0, noise, ts, alphas)
 
-    def reset():
-        z0.grad = noise.grad = None
-
-    def fwd_bwd():
-        forward().backward(grad)
-
-    run = forward if mode == "fwd" else fwd_bwd
-
     # Guard: what is timed computes the right thing.
     with torch.no_grad():
         expected = reference.q_sample_multi(z0.float(), noise.float(), ts, alphas.float())
-    got = forward().detach().float()
     # bf16 baselines round ᾱ and each product to bf16; the scale is the largest output.
-    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5) * max(1.0, expected.abs().max().item())
-    err = (got - expected).abs().max().item()
-    assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
+    assert_computes(impl, forward().detach(), expected, dtype, high=1e-5)
 
-    benchmark.group = f"{mode} {shape.id}"
-    measure(benchmark, run, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=cost(shape, z0.element_size(), mode), info=info, first_call=True)
+    measure_modes(benchmark, measure, suite=SUITE, case_id=shape.id, mode=mode, forward=forward, leaves=[z0, noise],
+                  grad=grad, device=device, dtype=dtype, info=info, bytes_moved=cost(shape, z0.element_size(), mode),
+                  first_call=True)

@@ -6,8 +6,8 @@ Implementations, on each case:
 * ``fused-<backend>``  the same op forced onto one backend (skipped, with the
                        backend's reasons, where it cannot run)
 * ``tdss-loop``        TDSS-style eager code: h = x W_d once, then a Python loop
-                       over tasks of softmax gates, γ/β, GELU and W_u
-                       (``reference.skill_gated_transform``)
+                       over tasks of softmax gates, γ/β, GELU and W_u, one
+                       output per task (``fastdense.testing.baselines.tdss_loop``)
 * ``tdss-loop-compiled``  that function under ``torch.compile`` (marked
                        ``compile``; on CPU only stage 3)
 
@@ -19,7 +19,7 @@ takes a few seconds on a 2-core machine.
 Modes: ``fwd`` is the forward pass as in training (autograd records the graph);
 ``fwdbwd`` adds the backward pass for given output gradients into the adapter's
 parameters. x is the frozen backbone's layer input (TDSS reads it without
-back-propagating into the backbone, see reference.md), so it gets no gradient.
+back-propagating into the backbone, see docs/paper-decisions.md, 'TDSS lateral stream'), so it gets no gradient.
 
 Bytes and FLOPs in ``extra_info`` are the minimum the computation needs, the
 same for every implementation: forward reads x and the parameters and writes
@@ -28,80 +28,57 @@ writes the parameter gradients.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import fastdense
-from fastdense.ops import _dispatch, reference
+from _cases import (ON_GPU, SWIN_T_448, SwinLayer, assert_computes, impl_params, maybe_compiled, measure_modes, random,
+                    stacked)
+from fastdense.ops import reference
+from fastdense.testing.baselines import tdss_loop
 
+SUITE = "skill_gated_transform"
 OP = "skill_gated_transform"
 TASKS, SKILLS = 4, 10
-ON_GPU = torch.cuda.is_available()
 PARAMS = ("w_down", "w_up", "skills", "w_gamma", "w_beta")
 
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    stage: int
-    side: int  # tokens per image side
-    channels: int
-    batch: int
-
-    @property
-    def rows(self) -> int:
-        return self.batch * self.side * self.side
-
-    @property
-    def rank(self) -> int:
-        return self.channels // 4
-
-    @property
-    def id(self) -> str:
-        return f"s{self.stage}-{self.side}x{self.side}-C{self.channels}"
-
-
-SWIN_T_448 = [(1, 112, 96), (2, 56, 192), (3, 28, 384), (4, 14, 768)]
 BATCH = 8 if ON_GPU else 1
-SHAPES = [Shape(stage, side, c, BATCH) for stage, side, c in SWIN_T_448]
+SHAPES = [SwinLayer(stage, side, c, BATCH) for stage, side, c in SWIN_T_448]
 
 
-def _compiled_case(shape: Shape) -> bool:
+def _rank(shape: SwinLayer) -> int:
+    return shape.channels // 4  # TDSS's R = C/4
+
+
+def _compiled_case(shape: SwinLayer) -> bool:
     # torch.compile warms up for tens of seconds per shape and mode on 2 cores.
     return ON_GPU or shape.stage == 3
 
 
 def _cases():
     for shape in SHAPES:
-        for impl in ("fused", *(f"fused-{b}" for b in _dispatch.BACKENDS), "tdss-loop"):
-            yield pytest.param(shape, impl, id=f"{shape.id}-{impl}")
-        if _compiled_case(shape):
-            yield pytest.param(shape, "tdss-loop-compiled", id=f"{shape.id}-tdss-loop-compiled",
-                               marks=[pytest.mark.compile, pytest.mark.slow])
+        yield from impl_params(shape, ["tdss-loop"], "tdss-loop-compiled" if _compiled_case(shape) else None,
+                               slow=True)
 
 
-def make_inputs(shape: Shape, device, dtype) -> dict:
-    c, r = shape.channels, shape.rank
-
-    def randn(*size, std=1.0):
-        return (torch.randn(*size, device=device, dtype=torch.float32) * std).to(dtype)
-
+def make_inputs(shape: SwinLayer, device, dtype) -> dict:
+    c, r = shape.channels, _rank(shape)
+    randn = random(device, dtype)
     # W_u random, not its zero init, so no implementation can gain from zeros.
     return {
-        "x": randn(shape.batch, shape.side * shape.side, c),
+        "x": randn(shape.batch, shape.tokens, c),
         "w_down": randn(c, r, std=c ** -0.5),
         "w_up": randn(r, c, std=r ** -0.5),
         "skills": randn(SKILLS, r),
         "w_gamma": randn(TASKS, r, SKILLS, std=r ** -0.5),
         "w_beta": randn(TASKS, r, SKILLS, std=r ** -0.5),
-        "grad": randn(TASKS, shape.batch, shape.side * shape.side, c),
+        "grad": randn(TASKS, shape.batch, shape.tokens, c),
     }
 
 
-def cost(shape: Shape, itemsize: int, mode: str) -> tuple[int, int]:
+def cost(shape: SwinLayer, itemsize: int, mode: str) -> tuple[int, int]:
     """(minimal bytes moved, FLOPs) of one call; see the module docstring."""
-    n, c, r, m, t = shape.rows, shape.channels, shape.rank, SKILLS, TASKS
+    n, c, r, m, t = shape.rows, shape.channels, _rank(shape), SKILLS, TASKS
     params = 2 * c * r + m * r + 2 * t * r * m
     fwd_elems = n * c + t * n * c + params
     # h; per task the two gate GEMMs, the two skill GEMMs, W_u.
@@ -121,42 +98,21 @@ def test_skill_gated_transform(benchmark, measure, use_backend, device, dtype, s
     x = t["x"]
     leaves = [t[k].requires_grad_(True) for k in PARAMS]
     op_args = (x.reshape(shape.rows, -1), *leaves)
-    info = {"impl": impl, "mode": mode, "stage": shape.stage, "batch": shape.batch, "tokens": shape.side ** 2,
-            "channels": shape.channels, "rank": shape.rank, "skills": SKILLS, "tasks": TASKS}
-    if impl.startswith("fused-"):
-        info["backend"] = use_backend(OP, impl.split("-", 1)[1], op_args)
-    elif impl == "fused":
-        info["backend"] = use_backend(OP, None, op_args)
+    info = {"impl": impl, "mode": mode, "stage": shape.stage, "batch": shape.batch, "tokens": shape.tokens,
+            "channels": shape.channels, "rank": _rank(shape), "skills": SKILLS, "tasks": TASKS}
+    use_backend(OP, impl, op_args, info)
 
-    if impl.startswith("fused"):
-        fn_impl = fastdense.ops.skill_gated_transform
-    else:
-        fn_impl = reference.skill_gated_transform
-        if impl.endswith("compiled"):
-            torch._dynamo.reset()  # each shape compiles afresh instead of hitting the recompile limit
-            fn_impl = torch.compile(fn_impl)
+    fn_impl = fastdense.ops.skill_gated_transform if impl.startswith("fused") else maybe_compiled(impl, tdss_loop)
 
     def forward():
         return fn_impl(x, *leaves)
 
-    def reset():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def fwd_bwd():
-        forward().backward(t["grad"])
-
-    fn = forward if mode == "fwd" else fwd_bwd
-
     # Guard: an implementation measured on these inputs computes the right thing.
     with torch.no_grad():
         expected = reference.skill_gated_transform(x, *leaves)
-    got = forward().detach()
-    tol = (3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * max(1.0, expected.abs().max().item())
-    err = (got.float() - expected.float()).abs().max().item()
-    assert err <= tol, f"{impl} differs from the reference by {err:.3e} (tolerance {tol:.1e})"
+    assert_computes(impl, stacked(forward()).detach(), expected, dtype)
 
     bytes_moved, flops = cost(shape, x.element_size(), mode)
-    benchmark.group = f"{mode} {shape.id}"
-    measure(benchmark, fn, device=device, dtype=dtype, reset=reset if mode == "fwdbwd" else None,
-            bytes_moved=bytes_moved, flops=flops, info=info, first_call=True)
+    measure_modes(benchmark, measure, suite=SUITE, case_id=shape.id, mode=mode, forward=forward, leaves=leaves,
+                  grad=t["grad"], device=device, dtype=dtype, info=info, bytes_moved=bytes_moved, flops=flops,
+                  first_call=True)

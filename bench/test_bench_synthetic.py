@@ -51,6 +51,7 @@ def test_bench_synthetic_single(benchmark, measure, res):
         cpu["s"] += time.process_time() - t0
         cpu["images"] += n
 
+    benchmark.group = "synthetic"
     median_ms = measure(benchmark, run, device=CPU, dtype=torch.float32,
                         info={"suite": "synthetic", "case": "single", "resolution": res, "images": n,
                               "tasks": len(SyntheticScenes.TASKS)})
@@ -79,6 +80,7 @@ def test_bench_synthetic_workers2(benchmark, measure):
     def run():
         batches[:] = list(held["loader"])
 
+    benchmark.group = "synthetic"
     try:
         median_ms = measure(benchmark, run, device=CPU, dtype=torch.float32,
                             info={"suite": "synthetic", "case": "workers2", "resolution": 128, "images": n,

@@ -188,6 +188,7 @@ def test_bench_tts_train_step(benchmark, measure, device, target):
         pytest.skip(f"case for {target}; this run is on {device.type}")
     cfg, dtype = _case(device)
     _, cache, head, labels = _setup(device, dtype, cfg)
+    benchmark.group = "tts"
     measure(benchmark, _train_step_fn(cache, head, labels), device=device, dtype=dtype,
             info={**_info(cfg, dtype), "case": "train-step"})
 
@@ -232,6 +233,7 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
             _keep_only_initial(cache)
         step_ms.append(_time_ms(train_step, device))
 
+    benchmark.group = "tts"
     median_ms = measure(benchmark, tts_round, device=device, dtype=dtype, reset=reset,
                         info={**_info(cfg, dtype), "case": f"tts-round-{case}"})
     rec = records[-1]

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from fastdense import cli
+from fastdense._device import cpu_tag, gpu_tag
+from fastdense._progress import ProgressBar
 from fastdense.ops import _dispatch
 
 
@@ -89,7 +91,7 @@ def test_device_name_is_a_short_file_name():
     assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", tag), tag
     assert len(tag) <= 48
     if torch.cuda.is_available():
-        assert tag == cli.gpu_tag(torch.cuda.get_device_name(0))
+        assert tag == gpu_tag(torch.cuda.get_device_name(0))
     else:
         assert tag.startswith("cpu-") and tag.endswith(f"-{os.cpu_count()}c")
 
@@ -113,7 +115,7 @@ def test_console_script_is_the_same_command():
     ("AMD Instinct MI300X", "amd-mi300x"),
 ])
 def test_gpu_tag(name, tag):
-    assert cli.gpu_tag(name) == tag
+    assert gpu_tag(name) == tag
 
 
 @pytest.mark.parametrize("model, tag", [
@@ -122,7 +124,7 @@ def test_gpu_tag(name, tag):
     ("AMD EPYC 7B13 64-Core Processor", "cpu-amd-epyc-7b13"),
 ])
 def test_cpu_tag(model, tag):
-    assert cli.cpu_tag(model) == f"{tag}-{os.cpu_count() or 1}c"
+    assert cpu_tag(model) == f"{tag}-{os.cpu_count() or 1}c"
 
 
 def test_demo_checks_every_available_backend_and_times_them(user_report):
@@ -223,10 +225,64 @@ def test_no_command_prints_help_and_fails():
 
 def test_progress_bar_writes_once_into_a_pipe():
     stream = io.StringIO()
-    bar = cli.ProgressBar(4, width=8, stream=stream)
+    bar = ProgressBar(4, width=8, stream=stream)
     for _ in range(3):
         bar.step("working")
     assert stream.getvalue() == ""
     bar.step("last")
     assert stream.getvalue() == "[########] 4/4 done\n"
-    assert cli.ProgressBar(4, width=8).render() == "[........] 0/4"
+    assert ProgressBar(4, width=8).render() == "[........] 0/4"
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_into_a_pipe_writes_a_plain_line_every_interval():
+    stream, clock = io.StringIO(), _Clock()
+    bar = ProgressBar(10, width=10, stream=stream, interval=5.0, done_label=None, clock=clock)
+    for step in range(1, 11):
+        clock.now = 2.0 * step  # a step every 2 s: a line each time 5 s have passed (6, 12, 18 s), then the last
+        bar.step(f"loss {step}")
+    bar.close()
+    assert stream.getvalue() == ("[###.......] 3/10 loss 3\n"
+                                 "[######....] 6/10 loss 6\n"
+                                 "[#########.] 9/10 loss 9\n"
+                                 "[##########] 10/10 loss 10\n")
+    assert "\r" not in stream.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place():
+    stream = _Terminal()
+    bar = ProgressBar(3, width=3, stream=stream)
+    for label in ("a", "b", "c"):
+        bar.step(label)
+    assert stream.getvalue() == "\r\033[K[#..] 1/3 a\r\033[K[##.] 2/3 b\r\033[K[###] 3/3 c\n"
+    bar.close()  # the line is already ended
+    assert stream.getvalue().endswith("3/3 c\n")
+
+    stopped = _Terminal()
+    bar = ProgressBar(3, width=3, stream=stopped, initial=1)  # resumed at step 1, stopped before the end
+    bar.step("b")
+    bar.close()
+    assert stopped.getvalue() == "\r\033[K[##.] 2/3 b\n"
+
+
+def test_disabled_progress_bar_writes_nothing():
+    stream = _Terminal()
+    bar = ProgressBar(2, stream=stream, enabled=False)
+    bar.step()
+    bar.step()
+    bar.close()
+    assert stream.getvalue() == "" and bar.done == 2

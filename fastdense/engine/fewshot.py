@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastdense.data.episodes import Episode, EpisodeSampler, RepeatedResult, collate_episode, repeated_evaluation
 from fastdense.engine import checkpoint as ckpt_mod
-from fastdense.engine.trainer import _Progress, make_optimizer, make_scheduler
+from fastdense.engine.trainer import make_optimizer, make_scheduler, training_bar
 
 #: The synthetic scenes' version of Taskonomy's five folds (VTM's task pairs):
 #: the scenes have no 1-channel semantic segmentation, so saliency (the
@@ -191,12 +191,12 @@ class EpisodicTrainer:
         """Meta-train from the current step to ``until`` (default ``config.steps``); returns this call's records."""
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
-        bar = _Progress(cfg.steps, self.step, cfg.progress)
+        bar = training_bar(cfg.steps, self.step, cfg.progress)
         start, first = time.perf_counter(), len(self.history)
         try:
             while self.step < until:
                 record = self.train_step()
-                bar.update(f"loss {record['loss']:.4f}")
+                bar.step(f"loss {record['loss']:.4f}")
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == until):
                     self._log({**record, "time_s": round(time.perf_counter() - start, 3)})
         finally:

@@ -18,13 +18,14 @@ import time
 import zlib
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from fastdense._progress import ProgressBar
 from fastdense.engine import checkpoint as ckpt_mod
 from fastdense.engine import distributed as fd_dist
 from fastdense.engine import losses as L
@@ -187,45 +188,10 @@ def prediction_grid(batch: Mapping[str, torch.Tensor], preds: Mapping[str, torch
 
 
 # ----------------------------------------------------------------------------- progress
-class _Progress:
-    """tqdm when it is installed (it is not a dependency), else a plain text bar
-    redrawn in place on a terminal and printed every ``every`` steps into a pipe."""
-
-    def __init__(self, total: int, initial: int, enabled: bool, stream: Optional[TextIO] = None) -> None:
-        # sys.stderr is looked up now, not at import: it may have been replaced since (pytest, notebooks).
-        stream = stream if stream is not None else sys.stderr
-        self.total, self.n, self.enabled, self.stream = total, initial, enabled, stream
-        self._tqdm = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self._tqdm = tqdm(total=total, initial=initial, file=stream, dynamic_ncols=True, leave=True)
-            except ImportError:
-                pass
-        self.tty = enabled and bool(getattr(stream, "isatty", lambda: False)())
-
-    def update(self, postfix: str) -> None:
-        self.n += 1
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.set_postfix_str(postfix, refresh=False)
-            self._tqdm.update(1)
-            return
-        every = 1 if self.tty else max(1, self.total // 10)
-        if self.n % every and self.n != self.total:
-            return
-        filled = 30 * self.n // max(1, self.total)
-        line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total} {postfix}"
-        self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-        elif self.enabled and self.tty:
-            self.stream.write("\n")
+def training_bar(total: int, initial: int, enabled: bool) -> ProgressBar:
+    """The training bar on stderr: tqdm on a terminal when installed; into a pipe, a plain
+    line every few seconds and the last one, with the last loss."""
+    return ProgressBar(total, stream=sys.stderr, initial=initial, enabled=enabled, done_label=None, use_tqdm=True)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -359,12 +325,12 @@ class MultiTaskTrainer:
         """Train from the current step to ``until`` (default ``config.steps``); returns the last evaluation."""
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
-        bar = _Progress(cfg.steps, self.step, cfg.progress and self.is_main)
+        bar = training_bar(cfg.steps, self.step, cfg.progress and self.is_main)
         start = time.perf_counter()
         try:
             while self.step < until:
                 record = self.train_step()
-                bar.update(f"loss {record['loss']:.4f}")
+                bar.step(f"loss {record['loss']:.4f}")
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == until):
                     self._log({"step": self.step, "time_s": round(time.perf_counter() - start, 3), **record})
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

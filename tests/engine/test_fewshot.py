@@ -236,7 +236,7 @@ def test_cli_bench_help_and_missing_plugin(monkeypatch, capsys):
         cli.main(["bench", "--help"])
     assert exc.value.code == 0
     assert "-k EXPRESSION" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "_have_pytest_benchmark", lambda: False)
+    monkeypatch.setattr("fastdense.cli.bench._have_pytest_benchmark", lambda: False)
     assert cli.main(["bench"]) == 2
     assert "pip install pytest-benchmark" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastdense import cli
+from fastdense.cli.demo import DEMO_STEPS_ENV
 
 TINY = ["--steps", "3", "--batch-size", "2", "--train-samples", "4", "--val-samples", "3", "--threads", "1",
         "--no-progress", "--log-every", "1", "--model", "tiny_mtl_small"]
@@ -160,6 +161,16 @@ def test_demo_training_fails_loudly_when_it_does_not_beat_the_baseline(tmp_path)
                      out.getvalue(), re.M)
 
 
+def test_training_bar_into_a_pipe_writes_plain_lines(tmp_path, capsys):
+    """stderr is not a terminal here (as in CI or `make demo 2>&1 | tee log`): no carriage-return
+    redraws, not even through tqdm; the last line carries the final loss."""
+    argv = [a for a in TINY if a != "--no-progress"]
+    assert cli.main(["train", *argv, "--run-dir", str(tmp_path), "--tasks", "saliency"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.search(r"^\[#{30}\] 3/3 loss \d+\.\d{4}$", err, re.M), err
+
+
 def test_resume_with_other_tasks_is_a_usage_error(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *TINY, "--steps", "1", "--run-dir", str(run), "--tasks", "saliency"]) == 0
@@ -174,9 +185,9 @@ def test_resume_with_other_tasks_is_a_usage_error(tmp_path, capsys):
 ])
 def test_demo_rejects_bad_step_counts(env, argv, message, monkeypatch, capsys):
     if env is None:
-        monkeypatch.delenv(cli.DEMO_STEPS_ENV, raising=False)
+        monkeypatch.delenv(DEMO_STEPS_ENV, raising=False)
     else:
-        monkeypatch.setenv(cli.DEMO_STEPS_ENV, env)
+        monkeypatch.setenv(DEMO_STEPS_ENV, env)
     assert cli.main(["demo", *argv]) == 2
     assert message in capsys.readouterr().err
 

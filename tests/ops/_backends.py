@@ -1,10 +1,15 @@
-"""Which backends the op tests run here, and on which device."""
+"""Which backends the op tests run here, and on which device.
+
+The tolerance rule and the backend helpers live in :mod:`fastdense.testing`,
+shared with the demo and the benchmarks; what is here needs pytest.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastdense.ops import _dispatch
+from fastdense.testing.backends import registered
+from fastdense.testing.checks import assert_within_twice_the_reference_error  # noqa: F401  (used by the op tests)
 
 
 def device_for(backend: str) -> str:
@@ -18,7 +23,7 @@ def device_for(backend: str) -> str:
 def backend_params(op: str) -> list:
     """One pytest param per registered backend, skipped with its reasons when unavailable."""
     params = []
-    for name, impl in _dispatch.implementations(op).items():
+    for name, impl in registered(op):
         reasons = impl.machine_reasons()
         marks = [pytest.mark.skip(reason=f"{name} unavailable here: {'; '.join(reasons)}")] if reasons else []
         if name == "cuda":
@@ -45,21 +50,3 @@ def assert_compiled_matches_eager(loss_fn, leaves) -> None:
     torch.testing.assert_close(loss_c, loss_e)
     for a, b in zip(comp_args, eager_args):
         torch.testing.assert_close(a.grad, b.grad)
-
-
-def _max_error(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def assert_within_twice_the_reference_error(result, ref32, ref_low, floor: float) -> None:
-    """flash-attn's low-precision rule, for the output and every gradient.
-
-    ``result``, ``ref32`` and ``ref_low`` are ``(out, {name: grad})`` pairs: the
-    backend in the low dtype, the reference in fp32, the reference in the low
-    dtype. Each error vs fp32 must be at most twice the low-dtype reference's
-    own error, plus ``floor``.
-    """
-    (out, grads), (out32, grads32), (out_low, grads_low) = result, ref32, ref_low
-    assert _max_error(out, out32) <= 2 * _max_error(out_low, out32) + floor
-    for name in grads32:
-        assert _max_error(grads[name], grads32[name]) <= 2 * _max_error(grads_low[name], grads32[name]) + floor, name

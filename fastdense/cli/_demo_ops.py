@@ -2,9 +2,9 @@
 
 For each op: small, awkward inputs; every backend that can run them computes
 the output and the gradients, which must match a float64 reference within
-twice the error of the reference computed in the backend's dtype (the rule of
-the op tests and of the LoRA check in ``fastdense.cli``). Timings are left to
-``make bench``; this is the user's "does it compute the right thing here".
+twice the error of the reference computed in the backend's dtype
+(:mod:`fastdense.testing.checks`). Timings are left to ``make bench``; this is
+the user's "does it compute the right thing here".
 """
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from typing import Callable, TextIO
 
 import torch
 
+import fastdense.ops as ops
 from fastdense.ops import _dispatch, reference
+from fastdense.testing.backends import registered
+from fastdense.testing.checks import Expected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +57,17 @@ def _q_sample_inputs(g):
 
 _SCHEDULE = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
 _TIMESTEPS = torch.tensor([1, 100, 999])
+_HW = (7, 9)
 
 
 def _checks() -> list[OpCheck]:
-    import fastdense.ops as ops
-
-    hw = (7, 9)
     return [
         OpCheck("attn_mask_aggregate", _attn_inputs, ("q", "k", "m_ca"),
                 lambda q, k, m_ca: ops.attn_mask_aggregate(q, k, m_ca, 40 ** -0.5),
                 lambda q, k, m_ca: reference.attn_mask_aggregate(q, k, m_ca, 40 ** -0.5)),
         OpCheck("ta_lora_dtf", _dtf_inputs, ("f", "lora_a", "lora_b", "phi_weight", "fn_std"),
-                lambda **t: ops.ta_lora_dtf(scale=0.5, hw=hw, **t),
-                lambda **t: reference.ta_lora_dtf(scale=0.5, hw=hw, **t)),
+                lambda **t: ops.ta_lora_dtf(scale=0.5, hw=_HW, **t),
+                lambda **t: reference.ta_lora_dtf(scale=0.5, hw=_HW, **t)),
         OpCheck("skill_gated_transform", _skill_inputs, ("x", "w_down", "w_up", "skills", "w_gamma", "w_beta"),
                 ops.skill_gated_transform, reference.skill_gated_transform),
         OpCheck("q_sample_multi", _q_sample_inputs, ("z0", "noise"),
@@ -76,29 +77,16 @@ def _checks() -> list[OpCheck]:
     ]
 
 
-def _run(fn, inputs: dict, grads: tuple[str, ...], dtype, device, upstream: torch.Tensor | None):
-    leaves = {k: v.detach().to(device=device, dtype=dtype, copy=True).requires_grad_(k in grads)
-              for k, v in inputs.items()}
-    out = fn(**leaves)
-    if upstream is None:
-        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out.backward(upstream.to(device=device, dtype=dtype))
-    return out.detach(), {k: leaves[k].grad for k in grads}, upstream
+def check_ops(device: torch.device, dtype: torch.dtype, forced: str | None, out: TextIO) -> tuple[int, int]:
+    """Print one line per (op, backend); return (failures, backends that passed).
 
-
-def check_ops(device: torch.device, dtype: torch.dtype, tolerance: Callable, max_err: Callable,
-              forced: str | None, force: Callable, out: TextIO) -> tuple[int, int]:
-    """Print one line per (op, backend); return (failures, backends that passed)."""
+    ``forced`` (the user's FASTDENSE_BACKEND) narrows the check to that backend.
+    """
     failures = passed = 0
     for check in _checks():
         inputs = check.make(torch.Generator().manual_seed(0))
-        truth, truth_grads, upstream = _run(check.reference, inputs, check.grads, torch.float64, device, None)
-        ref, ref_grads, _ = _run(check.reference, inputs, check.grads, dtype, device, upstream)
-        tols = {"out": tolerance(max_err(ref, truth), truth.abs().max().item(), dtype)}
-        tols.update({k: tolerance(max_err(ref_grads[k], truth_grads[k]), truth_grads[k].abs().max().item(), dtype)
-                     for k in check.grads})
-        for name, impl in sorted(_dispatch.implementations(check.op).items(),
-                                 key=lambda kv: _dispatch.BACKENDS.index(kv[0])):
+        want = Expected.of(check.reference, inputs, check.grads, dtype, device)
+        for name, impl in registered(check.op):
             label = f"    {check.op:<22} {name:<7}"
             if name not in _dispatch.PRIORITY.get(device.type, ()):
                 continue  # e.g. triton on CPU tensors: only the interpreter runs it
@@ -109,8 +97,8 @@ def check_ops(device: torch.device, dtype: torch.dtype, tolerance: Callable, max
                 print(f"{label} skipped: " + "; ".join(reasons), file=out)
                 continue
             try:
-                with force(name):
-                    got, got_grads, _ = _run(check.fused, inputs, check.grads, dtype, device, upstream)
+                with ops.backend(name):
+                    errors = want.errors(check.fused, inputs, dtype, device)
             except _dispatch.BackendNotSupportedError as exc:
                 print(f"{label} skipped: {str(exc).splitlines()[0][:200]}", file=out)
                 continue
@@ -118,13 +106,11 @@ def check_ops(device: torch.device, dtype: torch.dtype, tolerance: Callable, max
                 print(f"{label} FAIL  raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=out)
                 failures += 1
                 continue
-            errors = {"out": max_err(got, truth)}
-            errors.update({k: max_err(got_grads[k], truth_grads[k]) for k in check.grads})
-            ok = all(errors[k] <= tols[k] for k in errors)
-            worst = max(errors, key=lambda k: errors[k] / tols[k])
+            ok = want.passes(errors)
+            worst = max(errors, key=lambda k: errors[k] / want.tolerance[k])
             print(f"{label} {'PASS' if ok else 'FAIL'}  worst of forward and {len(check.grads)} gradients: "
-                  f"{'forward' if worst == 'out' else 'd' + worst} {errors[worst]:.2e} (tol {tols[worst]:.1e})",
-                  file=out)
+                  f"{'forward' if worst == 'out' else 'd' + worst} {errors[worst]:.2e} "
+                  f"(tol {want.tolerance[worst]:.1e})", file=out)
             failures += 0 if ok else 1
             passed += 1 if ok else 0
     return failures, passed

@@ -1,0 +1,158 @@
+"""``fastdense train``: train a multi-task model on the synthetic scenes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TextIO
+
+from fastdense.cli._common import UsageError, pick_device, usage_error
+from fastdense.cli._config import load_config_file
+from fastdense.cli._main import command
+from fastdense.cli._metrics_table import format_metrics_table
+
+ALL_TRAIN_TASKS = ("semseg", "normal", "depth_euclidean", "saliency")
+
+# Defaults of `train`; the flags default to None so that a value from --config is only
+# overridden by a flag the user actually gave (defaults < config file < command line).
+TRAIN_DEFAULTS = {
+    "model": "tiny_mtl", "tasks": ",".join(ALL_TRAIN_TASKS), "steps": 300, "batch_size": 16, "resolution": 64,
+    "lr": 3e-3, "weight_decay": 0.01, "warmup_steps": 20, "grad_accum": 1, "clip_grad": 1.0, "eval_every": 0,
+    "log_every": 10, "save_every": 0, "train_samples": 512, "val_samples": 64, "seed": 0,
+    "run_dir": "runs/train", "resume": None, "device": "auto", "threads": 0, "progress": True,
+}
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TRAIN_DEFAULTS
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON (or YAML, if PyYAML is installed) file of options; keys are the flag names "
+                        "(with - or _); flags given on the command line override it")
+    p.add_argument("--model", help=f"model name (default {d['model']})")
+    p.add_argument("--tasks", help=f"comma-separated tasks (default {d['tasks']})")
+    p.add_argument("--steps", type=int, help=f"optimiser steps in total (default {d['steps']})")
+    p.add_argument("--batch-size", type=int, help=f"images per optimiser step (default {d['batch_size']})")
+    p.add_argument("--resolution", type=int, help=f"image side, multiple of 4 in [64, 448] (default {d['resolution']})")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine (default {d['warmup_steps']})")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--clip-grad", type=float, help="max gradient norm, 0 disables (default 1.0)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps; 0: only at the end (default 0)")
+    p.add_argument("--log-every", type=int, help=f"log.jsonl line every N steps (default {d['log_every']})")
+    p.add_argument("--save-every", type=int, help="also write checkpoint_step<N>.pt every N steps (default 0: "
+                                                   "only checkpoint.pt at the end)")
+    p.add_argument("--train-samples", type=int, help=f"synthetic training scenes (default {d['train_samples']})")
+    p.add_argument("--val-samples", type=int, help=f"synthetic validation scenes (default {d['val_samples']})")
+    p.add_argument("--seed", type=int, help="seed of data order, scenes and initialisation (default 0)")
+    p.add_argument("--run-dir", help=f"where log.jsonl, checkpoint.pt and PNGs go (default {d['run_dir']})")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint (same model and tasks)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="no progress bar")
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    opts = dict(TRAIN_DEFAULTS)
+    if getattr(args, "config", None):
+        opts.update(load_config_file(args.config, TRAIN_DEFAULTS))
+    for key in TRAIN_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    return opts
+
+
+def _check_run_setup(opts: dict) -> list:
+    """Validate model, tasks, numbers and paths before any work; returns the task list."""
+    from fastdense.models import MODELS, check_tasks
+
+    if opts["model"] not in MODELS:
+        raise UsageError(f"unknown model {opts['model']!r}; valid models: {', '.join(sorted(MODELS))}")
+    try:
+        tasks = check_tasks(opts["tasks"])
+    except ValueError as exc:
+        raise UsageError(str(exc))
+    unsupported = [t for t in tasks if t not in ALL_TRAIN_TASKS]
+    if unsupported:
+        raise UsageError(f"task(s) {unsupported} cannot be trained; supported: {', '.join(ALL_TRAIN_TASKS)}")
+    for key in ("steps", "batch_size", "train_samples", "val_samples", "grad_accum"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
+    res = opts["resolution"]
+    if not isinstance(res, int) or res % 4 or not 64 <= res <= 448:
+        raise UsageError(f"--resolution must be a multiple of 4 in [64, 448], got {res!r}")
+    if opts["resume"] and not os.path.isfile(opts["resume"]):
+        raise UsageError(f"checkpoint to resume not found: {opts['resume']}")
+    return tasks
+
+
+def run_train(opts: dict, out: TextIO | None = None) -> dict:
+    """Train as ``fastdense train`` does; returns {"metrics", "run_dir", "checkpoint", "trainer", "is_main"}."""
+    out = out if out is not None else sys.stdout  # looked up per call: tests and callers redirect sys.stdout
+    import torch
+
+    from fastdense.data import SyntheticScenes
+    from fastdense.engine import MultiTaskTrainer, TrainConfig
+    from fastdense.engine import distributed as fd_dist
+    from fastdense.models import build_model
+
+    tasks = _check_run_setup(opts)
+    device = pick_device(opts["device"])
+    if opts["threads"]:
+        torch.set_num_threads(int(opts["threads"]))
+    fd_dist.init_distributed()
+    if device.type == "cuda" and fd_dist.is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(opts["seed"])
+    model = build_model(opts["model"], tasks)
+    # Validation scenes come from another seed, so they are scenes the model never trained on.
+    train_set = SyntheticScenes(opts["train_samples"], opts["resolution"], seed=opts["seed"], tasks=tasks)
+    val_seed = opts["seed"] + 1_000_003
+    val_set = SyntheticScenes(opts["val_samples"], opts["resolution"], seed=val_seed, tasks=tasks)
+    cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"],
+                      weight_decay=opts["weight_decay"], warmup_steps=opts["warmup_steps"],
+                      grad_accum=opts["grad_accum"], clip_grad=opts["clip_grad"] or None,
+                      eval_every=opts["eval_every"], log_every=opts["log_every"], save_every=opts["save_every"],
+                      seed=opts["seed"], progress=bool(opts["progress"]))
+    spec = {"model": opts["model"], "model_kwargs": {}, "tasks": tasks,
+            "data": {"dataset": "synthetic", "resolution": opts["resolution"], "val_samples": opts["val_samples"],
+                     "val_seed": val_seed}}
+    try:
+        trainer = MultiTaskTrainer(model, tasks, train_set, val_set, config=cfg, run_dir=opts["run_dir"],
+                                   device=device, run_spec=spec)
+    except ValueError as exc:
+        raise UsageError(str(exc))
+    if opts["resume"]:
+        try:
+            step = trainer.resume(opts["resume"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UsageError(f"cannot resume from {opts['resume']}: {str(exc).splitlines()[0]}")
+        print(f"resumed from {opts['resume']} at step {step}", file=out)
+    is_main = fd_dist.is_main_process()
+    try:
+        metrics = trainer.fit()
+        path = trainer.save()
+    finally:
+        fd_dist.cleanup()
+    return {"metrics": metrics, "run_dir": opts["run_dir"], "checkpoint": path, "trainer": trainer,
+            "is_main": is_main}
+
+
+@command("train", "train a multi-task model on the synthetic scenes (checkpoint, log.jsonl, PNGs in --run-dir)",
+         arguments=_train_arguments)
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        opts = train_options(args)
+        result = run_train(opts)
+    except UsageError as exc:
+        return usage_error("train", exc)
+    if not result["is_main"]:  # under torchrun only rank 0 reports
+        return 0
+    print(f"trained {opts['model']} for {opts['steps']} steps; run dir: {result['run_dir']}")
+    if result["checkpoint"] is not None:
+        print(f"checkpoint: {result['checkpoint']}")
+    print("validation metrics:")
+    print(format_metrics_table(result["metrics"]))
+    return 0
