@@ -42,8 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdense.nn._tasks import stack_task_inputs, task_names, task_outputs
-from fastdense.nn.lora import _FrozenBase, _check_dropout, _check_rank, _init_lora_pair
+from fastdense.nn.lora import _check_dropout, _check_rank, _FrozenBase, _init_lora_pair
 from fastdense.ops import _dtf_phases
+from fastdense.ops._validate import check_window
 from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
 
 __all__ = ["FilterNorm", "DynamicTaskFilter", "StaticTaskFilter", "TaskAwareLoRALinear"]
@@ -56,12 +57,6 @@ def _check_kernel(k, what="kernel_size", minimum=1) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < minimum or k % 2 == 0:
         raise ValueError(f"{what} must be an odd int >= {minimum}, got {k!r}")
     return k
-
-
-def _check_window(window) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be 0 (whole map) or a positive window size, got {window!r}")
-    return window
 
 
 def _tokens(x: torch.Tensor, hw, rank: int):
@@ -152,7 +147,7 @@ class DynamicTaskFilter(nn.Module):
         super().__init__()
         self.rank = _check_rank(rank, "rank")
         self.kernel_size = _check_kernel(kernel_size, minimum=3)
-        self.window = _check_window(window)
+        self.window = check_window(window)
         factory = dict(device=device, dtype=dtype)
         self.phi = nn.Conv2d(rank, rank * kernel_size ** 2, 1, **factory)  # φ, default Conv2d init as TADFormer
         self.filter_norm = FilterNorm(rank, kernel_size, nonlinearity, **factory)
@@ -184,7 +179,7 @@ class StaticTaskFilter(nn.Module):
         super().__init__()
         self.rank = _check_rank(rank, "rank")
         self.kernel_size = _check_kernel(kernel_size)
-        self.window = _check_window(window)
+        self.window = check_window(window)
         self.conv2d = nn.Conv2d(rank, rank, kernel_size, padding=kernel_size // 2, groups=rank, bias=bias,
                                 device=device, dtype=dtype)
 
@@ -250,7 +245,7 @@ class TaskAwareLoRALinear(_FrozenBase):
         if alpha is not None:
             scale = float(alpha) / rank
         self.scale = 1.0 if scale is None else float(scale)
-        self.window = _check_window(window)
+        self.window = check_window(window)
         if filter not in FILTERS:
             raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
         if task_base not in TASK_BASES:

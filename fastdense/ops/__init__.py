@@ -1,4 +1,5 @@
 """Functional API of fastdense: ``torch.ops.fastdense.*`` operators with backend dispatch."""
+from fastdense.ops import reference
 from fastdense.ops._dispatch import (
     BACKENDS,
     BackendNotSupportedError,
@@ -8,12 +9,11 @@ from fastdense.ops._dispatch import (
     machine_report,
     select,
 )
-from fastdense.ops import reference
 from fastdense.ops.attn_mask_aggregate import attn_mask_aggregate
 from fastdense.ops.dtf import dynamic_task_filter, ta_lora_dtf
 from fastdense.ops.lora import lora_linear, mt_lora_linear
-from fastdense.ops.skill_gated_transform import skill_gated_transform
 from fastdense.ops.q_sample_multi import q_sample_multi
+from fastdense.ops.skill_gated_transform import skill_gated_transform
 
 __all__ = [
     "BACKENDS",

@@ -6,6 +6,7 @@ so one pass per chunk gives its log-sum-exp, its probabilities and its share
 of the output (concept-codebook paper §3.3, M_attn = M_saᵀ M_ca):
 
     forward   lse_I = logsumexp_j S_Ij;  P_I = exp(S_I − lse_I);  out += P_Iᵀ m_I
+              (a row whose lse is not finite is NaN, as softmax gives)
     backward  G = dOut (÷ H for "mean", broadcast over the heads)
               dM_I = P_I G          -> grad of m_ca (summed over heads if shared)
               δ_I  = ⟨m_I, dM_I⟩    (the softmax-backward row term, Σ_j P_ij dP_ij)
@@ -38,6 +39,16 @@ def _per_head(m_ca: torch.Tensor) -> torch.Tensor:
     return m_ca.unsqueeze(1) if m_ca.dim() == 3 else m_ca
 
 
+def probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """P = exp(S − lse) in place, and a NaN row where lse is not finite.
+
+    softmax of a row holding +inf (or NaN) is NaN everywhere; exp(S − lse)
+    alone would give NaN only at the +inf entries and 0 elsewhere.
+    """
+    p = s.sub_(lse[..., None]).exp_()
+    return p.masked_fill_(~torch.isfinite(lse)[..., None], float("nan"))
+
+
 def _reduce(out_h: torch.Tensor, head_reduce: str) -> torch.Tensor:
     if head_reduce == "mean":
         return out_h.mean(dim=1)
@@ -59,7 +70,7 @@ def forward(q, k, m_ca, scale, lse, head_reduce):
         s = torch.matmul(qa[:, :, rows], kt).mul_(scale)  # (B, H, C, L): whole rows
         if lse is None:
             lse_out[:, :, rows] = torch.logsumexp(s, dim=-1)
-        p = s.sub_(lse_out[:, :, rows, None]).exp_()
+        p = probabilities(s, lse_out[:, :, rows])
         out_h += torch.matmul(p.transpose(-1, -2), ma[:, :, rows])
     return _reduce(out_h, head_reduce).to(q.dtype), lse_out
 
@@ -85,7 +96,7 @@ def backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
     for i0 in range(0, length, step):
         rows = slice(i0, min(length, i0 + step))
         m_i = ma[:, :, rows]
-        p = torch.matmul(qa[:, :, rows], kt).mul_(scale).sub_(lse[:, :, rows, None]).exp_()
+        p = probabilities(torch.matmul(qa[:, :, rows], kt).mul_(scale), lse[:, :, rows])
         d_m = torch.matmul(p, g)  # (B, H, C, N)
         if need_m:
             dm[:, :, rows] = d_m.sum(dim=1, keepdim=True) if shared else d_m

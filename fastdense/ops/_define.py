@@ -44,6 +44,7 @@ import torch
 from fastdense import _ext, _triton
 from fastdense.ops import _dispatch
 from fastdense.ops._dispatch import Backend, Limit
+from fastdense.ops._validate import FLOATING
 
 _ARG = re.compile(r"^\s*(?P<type>[\w\[\]?]+)\s+(?P<name>\w+)\s*$")
 
@@ -127,8 +128,11 @@ def autocast_inputs(*tensors):
 
 
 # ----------------------------------------------------------------------------- backends
-FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_FLOATING = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tuple(dtypes):
+    return None if dtypes is None else tuple(dtypes)
 
 
 def torch_backend(forward: Callable, backward: Callable) -> Backend:
@@ -139,22 +143,22 @@ def torch_backend(forward: Callable, backward: Callable) -> Backend:
 def cpp_backend(forward: Callable, backward: Callable, *, kernels: Sequence[str], dtypes=FLOATING,
                 limits: Sequence[Limit] = ()) -> Backend:
     """fastdense._C's CPU kernels ``kernels`` (internal op names, e.g. "_mt_lora_fwd")."""
-    return Backend("cpp", forward, backward, device="cpu", dtypes=None if dtypes is None else tuple(dtypes), limits=tuple(limits),
-                   machine=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *kernels))
+    return Backend("cpp", forward, backward, device="cpu", dtypes=_tuple(dtypes),
+                   limits=tuple(limits), machine=_ext.machine_reasons(_ext.cpu_reasons, "CPU", *kernels))
 
 
 def cuda_backend(forward: Callable, backward: Callable, *, kernels: Sequence[str], dtypes=GPU_FLOATING,
                  limits: Sequence[Limit] = ()) -> Backend:
     """fastdense._C's CUDA kernels ``kernels``."""
-    return Backend("cuda", forward, backward, device="cuda", dtypes=None if dtypes is None else tuple(dtypes), limits=tuple(limits),
-                   machine=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *kernels))
+    return Backend("cuda", forward, backward, device="cuda", dtypes=_tuple(dtypes),
+                   limits=tuple(limits), machine=_ext.machine_reasons(_ext.cuda_reasons, "CUDA", *kernels))
 
 
 def triton_backend(module: str, *, dtypes=GPU_FLOATING, limits: Sequence[Limit] = ()) -> Backend:
     """The host launchers ``forward``/``backward`` of ``fastdense.kernels.<module>``, imported on first use."""
     forward, backward = _triton.lazy_kernels(module)
-    return Backend("triton", forward, backward, device="triton", dtypes=None if dtypes is None else tuple(dtypes), limits=tuple(limits),
-                   machine=_triton.machine_reasons_for(module))
+    return Backend("triton", forward, backward, device="triton", dtypes=_tuple(dtypes),
+                   limits=tuple(limits), machine=_triton.machine_reasons_for(module))
 
 
 def ext_limit(key: str) -> Callable[[], object]:
@@ -266,8 +270,8 @@ class Op:
         for pos, t in zip(ctx.tensor_pos, ctx.saved_tensors):
             values[pos] = t
         grads = []
-        for (name, optional), i, (shape, dtype, device) in zip(self.grad_outputs, self._grad_out_index,
-                                                               ctx.grad_out_meta):
+        for (_, optional), i, (shape, dtype, device) in zip(self.grad_outputs, self._grad_out_index,
+                                                            ctx.grad_out_meta):
             g = grad_outputs[i]
             if g is None and not optional:
                 g = torch.zeros(shape, dtype=dtype, device=device)

@@ -20,9 +20,11 @@ def check_same_dtype_device(tensors: Mapping[str, Optional[torch.Tensor]], ref_n
         if t is None:
             continue
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all tensors must share one dtype")
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+                            "all tensors must share one dtype")
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "all tensors must be on one device")
 
 
 def int_list(name: str, value, minimum: int | None = None) -> list[int]:
@@ -66,3 +68,35 @@ def number(name: str, value) -> float:
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def float_tensor(name: str, t, optional: bool = False) -> None:
+    """TypeError naming ``name`` unless ``t`` is a floating tensor (or None when ``optional``)."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATING:
+        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+
+
+def check_window(value) -> int:
+    """A window size: 0 (the whole map) or a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"window must be 0 (whole map) or a positive window size, got {value!r}")
+    return value
+
+
+def check_hw(value, n: int, what: str) -> tuple[int, int]:
+    """(H, W) of a token map, checked against its N tokens."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ValueError(f"hw must be a pair of positive ints (H, W), got {value!r}")
+    if value[0] * value[1] != n:
+        raise ValueError(f"hw = {tuple(value)} gives H·W = {value[0] * value[1]} tokens but {what} has N = {n}")
+    return int(value[0]), int(value[1])

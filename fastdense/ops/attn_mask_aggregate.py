@@ -26,14 +26,12 @@ to be the rows' log-sum-exp and gets no gradient.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from fastdense.ops import _attn_mask_aggregate_torch
-from fastdense.ops._define import (FLOATING, Limit, autocast_inputs, cpp_backend, define_op, torch_backend,
-                                   triton_backend)
-from fastdense.ops._validate import shape_str
+from fastdense.ops._define import Limit, autocast_inputs, cpp_backend, define_op, torch_backend, triton_backend
+from fastdense.ops._validate import float_tensor, shape_str
 
 HEAD_REDUCE = ("mean", "sum", "none")
 
@@ -42,12 +40,7 @@ HEAD_REDUCE = ("mean", "sum", "none")
 def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     for name, t in (("q", q), ("k", k), ("m_ca", m_ca), ("lse", lse)):
-        if t is None and name == "lse":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOATING:
-            raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+        float_tensor(name, t, optional=name == "lse")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float (e.g. d ** -0.5), got {scale!r}")
     if head_reduce not in HEAD_REDUCE:
@@ -63,18 +56,18 @@ def check_args(q, k, m_ca, scale, lse=None, head_reduce="mean") -> None:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; q and k must share one dtype")
     if m_ca.dim() == 3:
         if m_ca.shape[:2] != (b, length):
-            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {shape_str(m_ca)}")
+            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N) "
+                             f"to match q {shape_str(q)}, got {shape_str(m_ca)}")
     elif m_ca.dim() == 4:
         if m_ca.shape[:3] != (b, h, length):
-            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                             f"got {shape_str(m_ca)}")
+            raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N) "
+                             f"to match q {shape_str(q)}, got {shape_str(m_ca)}")
     else:
-        raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N), "
-                         f"got {shape_str(m_ca)}")
+        raise ValueError(f"m_ca must have shape (B={b}, L={length}, N) or (B={b}, H={h}, L={length}, N) "
+                         f"to match q {shape_str(q)}, got {shape_str(m_ca)}")
     if lse is not None and tuple(lse.shape) != (b, h, length):
-        raise ValueError(f"lse must have shape (B={b}, H={h}, L={length}), the log-sum-exp of each "
-                         f"scaled score row, got {shape_str(lse)}")
+        raise ValueError(f"lse must have shape (B={b}, H={h}, L={length}) to match q {shape_str(q)}, the "
+                         f"log-sum-exp of each scaled score row, got {shape_str(lse)}")
     for name, t in (("k", k), ("m_ca", m_ca), ("lse", lse)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")

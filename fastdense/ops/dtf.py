@@ -35,72 +35,60 @@ import torch
 
 from fastdense import _triton
 from fastdense.ops import _dtf_phases
-from fastdense.ops._define import (FLOATING, GPU_FLOATING, Backend, Limit, autocast_inputs, cpp_backend,
-                                   cuda_backend, define_op, ext_limit, torch_backend)
-from fastdense.ops._validate import check_same_dtype_device, shape_str
+from fastdense.ops._define import (
+    GPU_FLOATING,
+    Backend,
+    Limit,
+    autocast_inputs,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    ext_limit,
+    torch_backend,
+)
+from fastdense.ops._validate import check_hw, check_same_dtype_device, check_window, float_tensor, shape_str
 
 FILTERS = ("dynamic", "static")
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_tensor(name, t, optional=False):
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name} must be a torch.Tensor, got None")
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOATING:
-        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
-
-
-def _check_hw(hw, n: int, what: str) -> tuple[int, int]:
-    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw)):
-        raise ValueError(f"hw must be a pair of positive ints (H, W), got {hw!r}")
-    if hw[0] * hw[1] != n:
-        raise ValueError(f"hw = {tuple(hw)} gives H·W = {hw[0] * hw[1]} tokens but {what} has N = {n}")
-    return int(hw[0]), int(hw[1])
-
-
-def _check_window(window) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be 0 (whole map) or a positive window size, got {window!r}")
-    return window
-
-
-def _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, kernel_size) -> int:
-    for name, t, opt in (("phi_weight", phi_weight, False), ("phi_bias", phi_bias, True),
-                         ("fn_std", fn_std, False), ("fn_mean", fn_mean, True)):
-        _check_tensor(name, t, optional=opt)
+def _check_dynamic_params(r, r_from: str, phi_weight, phi_bias, fn_std, fn_mean, kernel_size) -> int:
+    """k of the dynamic filter's parameters; ``r_from`` names the argument r comes from."""
+    for name, t in (("phi_weight", phi_weight), ("phi_bias", phi_bias), ("fn_std", fn_std), ("fn_mean", fn_mean)):
+        float_tensor(name, t, optional=name in ("phi_bias", "fn_mean"))
     if phi_weight.dim() != 2 or phi_weight.shape[1] != r:
-        raise ValueError(f"phi_weight must have shape (r·k², r={r}), got {shape_str(phi_weight)}")
+        raise ValueError(f"phi_weight must have shape (r·k², r={r}) to match {r_from}, got {shape_str(phi_weight)}")
     k = _dtf_phases.isqrt_kernel(phi_weight.shape[0], r)
     if k == 0:
         raise ValueError(f"phi_weight must have r·k² = {r}·k² rows for a square kernel, got {shape_str(phi_weight)}")
     if kernel_size is not None and kernel_size != k:
         raise ValueError(f"kernel_size={kernel_size} but phi_weight {shape_str(phi_weight)} gives k = {k}")
     if k % 2 == 0 or k < 3:
-        raise ValueError(f"the dynamic filter needs an odd kernel size >= 3 (FilterNorm's std over k² taps), got k = {k}")
+        raise ValueError(f"the dynamic filter needs an odd kernel size >= 3 (FilterNorm's std over k² taps), "
+                         f"got k = {k}")
     rows = r * k * k
     for name, t in (("phi_bias", phi_bias), ("fn_std", fn_std), ("fn_mean", fn_mean)):
         if t is not None and tuple(t.shape) != (rows,):
-            raise ValueError(f"{name} must have shape (r·k² = {rows},), got {shape_str(t)}")
+            raise ValueError(f"{name} must have shape (r·k² = {rows},) to match phi_weight "
+                             f"{shape_str(phi_weight)}, got {shape_str(t)}")
     return k
 
 
-def _check_static_params(tasks, r, static_weight, static_bias, kernel_size) -> int:
-    _check_tensor("static_weight", static_weight)
-    _check_tensor("static_bias", static_bias, optional=True)
-    if static_weight.dim() != 4 or static_weight.shape[:2] != (tasks, r) or static_weight.shape[2] != static_weight.shape[3]:
-        raise ValueError(f"static_weight must have shape (T={tasks}, r={r}, k, k), got {shape_str(static_weight)}")
+def _check_static_params(tasks, r, r_from: str, static_weight, static_bias, kernel_size) -> int:
+    float_tensor("static_weight", static_weight)
+    float_tensor("static_bias", static_bias, optional=True)
+    shape = tuple(static_weight.shape)
+    if len(shape) != 4 or shape[:2] != (tasks, r) or shape[2] != shape[3]:
+        raise ValueError(f"static_weight must have shape (T={tasks}, r={r}, k, k) to match {r_from} and T = {tasks} "
+                         f"tasks, got {shape_str(static_weight)}")
     k = static_weight.shape[-1]
     if k % 2 == 0:
         raise ValueError(f"static_weight needs an odd kernel size (same padding), got k = {k}")
     if kernel_size is not None and kernel_size != k:
         raise ValueError(f"kernel_size={kernel_size} but static_weight {shape_str(static_weight)} gives k = {k}")
     if static_bias is not None and tuple(static_bias.shape) != (tasks, r):
-        raise ValueError(f"static_bias must have shape (T={tasks}, r={r}), got {shape_str(static_bias)}")
+        raise ValueError(f"static_bias must have shape (T={tasks}, r={r}) to match static_weight "
+                         f"{shape_str(static_weight)}, got {shape_str(static_bias)}")
     return k
 
 
@@ -109,7 +97,8 @@ def _backends(forward, backward, kernel_size, rank):
     """The four backends of one operator: the shared orchestration over each backend's phase kernels.
 
     ``kernel_size``/``rank`` read k and r off the operator's arguments, for the
-    CUDA kernels' limits (k is a template parameter; r bounds a per-thread array).
+    CUDA kernels' limits (k is a template parameter; the GAP and dθ kernels give each of
+    r <= 256 channels a thread of a 256-thread block).
     """
     def pair(name):
         return _dtf_phases.bind(forward, name), _dtf_phases.bind(backward, name)
@@ -219,7 +208,7 @@ def ta_lora_dtf(
     f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias = autocast_inputs(
         f, base_out, lora_a, lora_b, phi_weight, phi_bias, fn_std, fn_mean, static_weight, static_bias)
     for name, t in (("f", f), ("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
-        _check_tensor(name, t)
+        float_tensor(name, t)
     if f.dim() not in (3, 4):
         raise ValueError(f"f must have shape (T, B, N, C) or, shared by the tasks, (B, N, C); got {shape_str(f)}")
     if base_out.dim() not in (3, 4):
@@ -237,24 +226,26 @@ def ta_lora_dtf(
     b4 = base_out if base_out.dim() == 4 else base_out.unsqueeze(0)
     _, batch, n, c = f4.shape
     if lora_a.dim() != 2 or lora_a.shape[1] != c:
-        raise ValueError(f"lora_a must have shape (r, C={c}), got {shape_str(lora_a)}")
+        raise ValueError(f"lora_a must have shape (r, C={c}) to match f {shape_str(f)}, got {shape_str(lora_a)}")
     r = lora_a.shape[0]
     if lora_b.dim() != 2 or lora_b.shape[1] != r:
-        raise ValueError(f"lora_b must have shape (C_out, r={r}), got {shape_str(lora_b)}")
+        raise ValueError(f"lora_b must have shape (C_out, r={r}) to match lora_a {shape_str(lora_a)}, "
+                         f"got {shape_str(lora_b)}")
     cout = lora_b.shape[0]
     if b4.shape[0] not in (1, tasks) or b4.shape[1:] != (batch, n, cout):
-        raise ValueError(f"base_out must have shape (T={tasks}, B={batch}, N={n}, C_out={cout}) "
-                         f"or (B, N, C_out); got {shape_str(base_out)}")
-    hw = _check_hw(hw, n, "f")
-    window = _check_window(window)
+        raise ValueError(f"base_out must have shape (T={tasks}, B={batch}, N={n}, C_out={cout}) or (B, N, C_out) "
+                         f"to match f {shape_str(f)} and lora_b {shape_str(lora_b)}; got {shape_str(base_out)}")
+    hw = check_hw(hw, n, "f")
+    window = check_window(window)
     if filter == "dynamic":
         if static_weight is not None or static_bias is not None:
             raise ValueError("static_weight/static_bias are for filter='static'")
-        k = _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, kernel_size)
+        k = _check_dynamic_params(r, f"lora_a {shape_str(lora_a)}", phi_weight, phi_bias, fn_std, fn_mean,
+                                  kernel_size)
     else:
         if any(t is not None for t in (phi_weight, phi_bias, fn_std, fn_mean)):
             raise ValueError("phi_weight/phi_bias/fn_std/fn_mean are for filter='dynamic'")
-        k = _check_static_params(tasks, r, static_weight, static_bias, kernel_size)
+        k = _check_static_params(tasks, r, f"lora_a {shape_str(lora_a)}", static_weight, static_bias, kernel_size)
     check_same_dtype_device({"f": f, "base_out": base_out, "lora_a": lora_a, "lora_b": lora_b, "phi_weight": phi_weight,
                  "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean, "static_weight": static_weight,
                  "static_bias": static_bias}, "f")
@@ -281,14 +272,15 @@ def dynamic_task_filter(
     with ``return_theta`` also θ (S, n_windows, r, k, k) (differentiable).
     """
     h, phi_weight, phi_bias, fn_std, fn_mean = autocast_inputs(h, phi_weight, phi_bias, fn_std, fn_mean)
-    _check_tensor("h", h)
+    float_tensor("h", h)
     if h.dim() != 3:
         raise ValueError(f"h must have shape (S, N, r), got {shape_str(h)}")
     s, n, r = h.shape
-    hw = _check_hw(hw, n, "h")
-    window = _check_window(window)
-    k = _check_dynamic_params(r, phi_weight, phi_bias, fn_std, fn_mean, None)
-    check_same_dtype_device({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std, "fn_mean": fn_mean}, "h")
+    hw = check_hw(hw, n, "h")
+    window = check_window(window)
+    k = _check_dynamic_params(r, f"h {shape_str(h)}", phi_weight, phi_bias, fn_std, fn_mean, None)
+    check_same_dtype_device({"h": h, "phi_weight": phi_weight, "phi_bias": phi_bias, "fn_std": fn_std,
+                             "fn_mean": fn_mean}, "h")
     out, theta, *_ = OP_DTF(
         h, list(hw), window, k, phi_weight, phi_bias, fn_std, fn_mean)
     if return_theta:

@@ -19,14 +19,22 @@ Tensor contract shared by all backends (2-D inputs, G = 1 + T adapters):
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from fastdense.ops import _lora_torch
-from fastdense.ops._define import (FLOATING, Limit, autocast_inputs, cpp_backend, cuda_backend, define_op,
-                                   ext_limit, torch_backend, triton_backend)
-from fastdense.ops._validate import check_same_dtype_device, float_list, int_list, number, shape_str
+from fastdense.ops._define import (
+    Limit,
+    autocast_inputs,
+    cpp_backend,
+    cuda_backend,
+    define_op,
+    ext_limit,
+    torch_backend,
+    triton_backend,
+)
+from fastdense.ops._validate import check_same_dtype_device, float_list, float_tensor, int_list, number, shape_str
 
 
 # ----------------------------------------------------------------------------- validation
@@ -35,14 +43,9 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
                "x_lora": x_lora, "x_tasks": x_tasks}
     for name, t in tensors.items():
-        if t is None and name in ("bias", "x_lora", "x_tasks"):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOATING:
-            raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+        float_tensor(name, t, optional=name in ("bias", "x_lora", "x_tasks"))
     if x.dim() < 1:
-        raise ValueError(f"x must have shape (..., K), got a 0-d tensor")
+        raise ValueError("x must have shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must have shape (N, K={k}) to match x {shape_str(x)}, got {shape_str(weight)}")
@@ -54,11 +57,13 @@ def check_args(x, weight, bias, lora_a, lora_b, ranks, scales, x_lora=None, x_ta
         raise ValueError(f"scales must have one entry per adapter ({len(ranks)}), got {len(scales)}")
     r_total = sum(ranks)
     if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape (N={n},), got {shape_str(bias)}")
+        raise ValueError(f"bias must have shape (N={n},) to match weight {shape_str(weight)}, got {shape_str(bias)}")
     if tuple(lora_a.shape) != (r_total, k):
-        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}), got {shape_str(lora_a)}")
+        raise ValueError(f"lora_a must have shape (sum(ranks)={r_total}, K={k}) to match ranks {ranks} and "
+                         f"x {shape_str(x)}, got {shape_str(lora_a)}")
     if tuple(lora_b.shape) != (n, r_total):
-        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}), got {shape_str(lora_b)}")
+        raise ValueError(f"lora_b must have shape (N={n}, sum(ranks)={r_total}) to match weight "
+                         f"{shape_str(weight)} and ranks {ranks}, got {shape_str(lora_b)}")
     if x_lora is not None and x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {shape_str(x)}, got {shape_str(x_lora)}")
     n_tasks = len(ranks) - 1
@@ -82,7 +87,7 @@ _EXT_KERNELS = ("_mt_lora_fwd", "_mt_lora_bwd")
 
 
 def _padded_rank(x, weight, bias, lora_a, lora_b, ranks, *rest) -> int:
-    # The CUDA backward keeps each adapter's rank rounded up to 4 in shared memory.
+    # The CUDA backward holds a row tile of dh in registers, each adapter's rank rounded up to 4.
     return sum((r + 3) // 4 * 4 for r in ranks)
 
 

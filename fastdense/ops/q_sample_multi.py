@@ -47,8 +47,7 @@ from typing import Sequence
 import torch
 
 from fastdense.ops import _q_sample_multi_torch
-from fastdense.ops._define import (Backend, Derived, cpp_backend, cuda_backend, define_op, torch_backend,
-                                   triton_backend)
+from fastdense.ops._define import Backend, Derived, cpp_backend, cuda_backend, define_op, torch_backend, triton_backend
 from fastdense.ops._validate import int_list, shape_str
 
 LAYOUTS = ("timestep", "sample")
@@ -77,7 +76,8 @@ def check_args(z0, noise, timesteps, alphas_cumprod, layout) -> bool:
     if timesteps.dim() != 1:
         raise ValueError(f"timesteps must have shape (k,), got {shape_str(timesteps)}")
     if alphas_cumprod.dim() != 1 or alphas_cumprod.shape[0] < 1:
-        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, got {shape_str(alphas_cumprod)}")
+        raise ValueError(f"alphas_cumprod must have shape (T_train,) with T_train >= 1, "
+                         f"got {shape_str(alphas_cumprod)}")
     k = timesteps.shape[0]
     per_step = (k, *z0.shape)
     if tuple(noise.shape) == tuple(z0.shape):

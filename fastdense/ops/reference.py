@@ -102,8 +102,9 @@ def q_sample_multi(
     # The coefficients in the schedule's precision: in bf16, ᾱ_1 = 0.99915 would
     # round to 1 and the t = 1 copy would get no noise at all.
     abar = alphas_cumprod[timesteps.long()]  # (k,)
-    coef_signal = abar.sqrt().to(z0.dtype).view(-1, 1, 1, 1, 1)
-    coef_noise = (1 - abar).sqrt().to(z0.dtype).view(-1, 1, 1, 1, 1)
+    per_step = (-1,) + (1,) * z0.dim()  # broadcast over (B, C, h, w), or any latent shape
+    coef_signal = abar.sqrt().to(z0.dtype).view(per_step)
+    coef_noise = (1 - abar).sqrt().to(z0.dtype).view(per_step)
     eps = noise if noise.dim() == z0.dim() + 1 else noise.unsqueeze(0)
     z_t = coef_signal * z0.unsqueeze(0) + coef_noise * eps  # (k, B, C, h, w)
     if layout == "sample":
@@ -241,10 +242,11 @@ def ta_lora_dtf(
     the DTF (φ, FilterNorm) is shared by the tasks. Returns (T, B, N, C_out).
     """
     t, b, n, _ = f.shape
+    r = lora_a.shape[0]
     h = f @ lora_a.t()  # (T, B, N, r)
-    filtered, _ = dynamic_task_filter(h.reshape(t * b, n, -1), hw, phi_weight, phi_bias,
+    filtered, _ = dynamic_task_filter(h.reshape(t * b, n, r), hw, phi_weight, phi_bias,
                                       fn_std, fn_mean, window)
-    return base_out + scale * (filtered.reshape(t, b, n, -1) @ lora_b.t())
+    return base_out + scale * (filtered.reshape(t, b, n, r) @ lora_b.t())
 
 
 # ----------------------------------------------------------------------------- TDSS skill-gated transform

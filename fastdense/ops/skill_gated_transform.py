@@ -23,7 +23,7 @@ TDSS's R = C/4). The gates, γ/β, h_s and GELU(h_s) of all tasks (4·T·N·R +
 2·T·N·M numbers) are recomputed from h in the backward pass instead of being
 stored. No biases: the paper's equations have none.
 
-Backends: ``cpp`` (csrc/cpu/skill_adapter.cpp: row tiles, per-thread
+Backends: ``cpp`` (csrc/cpu/skill_gated_transform.cpp: row tiles, per-thread
 parameter-gradient partials, deterministic for a thread count), ``triton``
 (kernels/skill_gated_transform.py: one row-tile kernel each way, R and M padded to
 powers of two >= 16, parameter gradients by fp32 atomics), ``torch``
@@ -36,9 +36,8 @@ import math
 import torch
 
 from fastdense.ops import _skill_gated_transform_torch
-from fastdense.ops._define import (FLOATING, Limit, autocast_inputs, cpp_backend, define_op, torch_backend,
-                                   triton_backend)
-from fastdense.ops._validate import check_same_dtype_device, shape_str
+from fastdense.ops._define import Limit, autocast_inputs, cpp_backend, define_op, torch_backend, triton_backend
+from fastdense.ops._validate import check_same_dtype_device, float_tensor, shape_str
 
 _NAMES = ("x", "w_down", "w_up", "skills", "w_gamma", "w_beta")
 
@@ -48,10 +47,7 @@ def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
     """Raise TypeError/ValueError naming the bad argument and the expected shape."""
     tensors = dict(zip(_NAMES, (x, w_down, w_up, skills, w_gamma, w_beta)))
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOATING:
-            raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+        float_tensor(name, t)
     if x.dim() < 1:
         raise ValueError("x must have shape (..., C), got a 0-d tensor")
     c = x.shape[-1]
@@ -59,12 +55,15 @@ def check_args(x, w_down, w_up, skills, w_gamma, w_beta) -> None:
         raise ValueError(f"w_down must have shape (C={c}, R) to match x {shape_str(x)}, got {shape_str(w_down)}")
     r = w_down.shape[1]
     if tuple(w_up.shape) != (r, c):
-        raise ValueError(f"w_up must have shape (R={r}, C={c}), got {shape_str(w_up)}")
+        raise ValueError(f"w_up must have shape (R={r}, C={c}) to match w_down {shape_str(w_down)}, "
+                         f"got {shape_str(w_up)}")
     if skills.dim() != 2 or skills.shape[1] != r or skills.shape[0] < 1:
-        raise ValueError(f"skills must have shape (M, R={r}), got {shape_str(skills)}")
+        raise ValueError(f"skills must have shape (M, R={r}) to match w_down {shape_str(w_down)}, "
+                         f"got {shape_str(skills)}")
     m = skills.shape[0]
     if w_gamma.dim() != 3 or w_gamma.shape[0] < 1 or tuple(w_gamma.shape[1:]) != (r, m):
-        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1, got {shape_str(w_gamma)}")
+        raise ValueError(f"w_gamma must have shape (T, R={r}, M={m}) with T >= 1 to match w_down "
+                         f"{shape_str(w_down)} and skills {shape_str(skills)}, got {shape_str(w_gamma)}")
     if tuple(w_beta.shape) != tuple(w_gamma.shape):
         raise ValueError(f"w_beta must have the shape of w_gamma (T={w_gamma.shape[0]}, R={r}, M={m}), "
                          f"got {shape_str(w_beta)}")
