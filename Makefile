@@ -4,6 +4,8 @@
 #   make bench  build, then the pytest-benchmark suites (JSON in bench/results/)
 #   make cuda-build  on a CPU-only machine: build fastdense._C with its CUDA kernels against
 #               the GPU machines' CUDA torch in .venv-cuda, and check it (docs/cuda-build.md)
+#   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmark subset in one
+#               time-boxed run, summary in $(GPU_CHECK_OUT) (docs/gpu-check.md); without a GPU, the CPU-side steps
 #   make clean  remove build outputs (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3
@@ -91,6 +93,15 @@ cuda-build: $(CUDA_VENV)/.deps
 	objcopy --strip-debug $(CUDA_BUILD_LIB)/fastdense/_C.*.so
 	CUDA_HOME=$(CUDA_TOOLKIT) $(CUDA_PY) tools/check_cuda_build.py --build-temp build/cuda-temp \
 		--arch-list "$(CUDA_ARCH_LIST)" --cuda $(CUDA_TORCH_CUDA) $(CUDA_BUILD_LIB)/fastdense/_C.*.so
+
+# gpu-check: the one-command GPU campaign (tools/gpu_check.py, docs/gpu-check.md). It runs under the
+# machine's own Python (the GPU machines' python3 holds their CUDA torch), never `make install`,
+# whose pinned CPU torch would replace it; here, under .venv's Python when there is one.
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_CHECK_PY  ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+.PHONY: gpu-check
+gpu-check:
+	GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_CHECK_PY) tools/gpu_check.py
 
 test: cuda-check install
 	$(PY) -m pytest tests -q
