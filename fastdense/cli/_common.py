@@ -1,6 +1,7 @@
 """What several commands share: usage errors and the device option."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -11,6 +12,20 @@ class UsageError(Exception):
 def usage_error(cmd: str, exc: Exception) -> int:
     print(f"fastdense {cmd}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def require_file(path: str, what: str) -> None:
+    """UsageError unless ``path`` is a file: "<what> not found: <path>", or that it is a folder."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} not found: {path}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, else its type's name (an empty message
+    must not turn the report of one error into an IndexError of its own)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def pick_device(name: str):

@@ -10,7 +10,8 @@ import sys
 import time
 from typing import TextIO
 
-from fastdense.cli._common import UsageError, pick_device, usage_error
+from fastdense.cli import _options as checks
+from fastdense.cli._common import UsageError, first_line, pick_device, require_file, usage_error
 from fastdense.cli._main import command
 
 ADAPT_DEFAULTS = {"fold": 0, "shots": 4, "runs": 3, "meta_steps": 60, "adapt_steps": 10, "queries": 4,
@@ -46,9 +47,40 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _positive(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise UsageError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+# What each option must be (fastdense.cli._options). The data options are checked even when
+# a checkpoint brings its own (a bad flag is a mistake either way), and the checkpoint's are
+# checked too, named by where they are stored; --fold is checked against the folds in run_adapt.
+_DATA_SCHEMA = {"resolution": checks.resolution, "train_samples": checks.integer(1),
+                "test_samples": checks.integer(1), "seed": checks.seed}
+ADAPT_SCHEMA = {
+    "checkpoint": checks.optional(checks.text), "fold": checks.optional(checks.integer()),
+    "shots": checks.integer(1), "runs": checks.integer(1), "adapt_steps": checks.integer(0),
+    "meta_steps": checks.integer(1), "queries": checks.integer(1), **_DATA_SCHEMA,
+    "device": checks.device, "threads": checks.threads, "progress": checks.boolean,
+    # Last, the only checks that touch the file system: both are written after the work, so a
+    # bad path must fail now rather than after meta-training.
+    "run_dir": checks.optional(checks.writable_dir), "json": checks.optional(checks.writable_file),
+}
+
+
+def _episodic_spec(ckpt: dict, path: str) -> tuple[dict, int, dict]:
+    """(run spec, held-out fold, data settings) of a `fastdense adapt` checkpoint, checked."""
+    spec = ckpt.get("config", {}).get("spec")
+    sampler = ckpt.get("config", {}).get("sampler")
+    if not isinstance(spec, dict) or not isinstance(sampler, dict) or "fold" not in sampler:
+        raise UsageError(f"{path} is not a fastdense episodic checkpoint: it has no run spec and sampler settings "
+                         "(config.spec, config.sampler)")
+    missing = sorted({"model", "tasks", "data"} - set(spec))
+    if missing or not isinstance(spec["data"], dict):
+        raise UsageError(f"{path} is not a fastdense episodic checkpoint: its run spec lacks "
+                         f"{missing or ['data settings']}")
+    lacking = [k for k in _DATA_SCHEMA if k not in spec["data"]]
+    if lacking:
+        raise UsageError(f"{path} is not a fastdense episodic checkpoint: its data settings lack {lacking}")
+    data = checks.check_options(spec["data"], _DATA_SCHEMA,
+                                {k: f"{path}: config.spec.data.{k}" for k in _DATA_SCHEMA})
+    checks.check_options(sampler, {"fold": checks.integer()}, {"fold": f"{path}: config.sampler.fold"})
+    return spec, sampler["fold"], dict(data)
 
 
 def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
@@ -57,26 +89,22 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     import torch
 
     from fastdense.engine import load_checkpoint
+    from fastdense.engine.checkpoint import CheckpointError
     from fastdense.engine.fewshot import (SYNTHETIC_FOLDS, SYNTHETIC_TASKS, EpisodicConfig, EpisodicTrainer,
                                           synthetic_sampler)
     from fastdense.models import build_model
 
     spec = None
+    checks.check_options(vars(args), ADAPT_SCHEMA)
     if args.fold is not None and not 0 <= args.fold < len(SYNTHETIC_FOLDS):
         raise UsageError(f"--fold must be in [0, {len(SYNTHETIC_FOLDS) - 1}], got {args.fold}")
     if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            raise UsageError(f"checkpoint not found: {args.checkpoint}")
+        require_file(args.checkpoint, "checkpoint")
         try:
             ckpt = load_checkpoint(args.checkpoint)
-            spec = ckpt["config"]["spec"]
-            saved_fold = int(ckpt["config"]["sampler"]["fold"])
-            missing = {"model", "tasks", "data"} - set(spec)
-            if missing:
-                raise KeyError(f"its run spec lacks {sorted(missing)}")
-            data = dict(spec["data"])
-        except Exception as exc:  # not a torch file, or not written by `fastdense adapt`
-            raise UsageError(f"{args.checkpoint} is not a fastdense episodic checkpoint: {str(exc).splitlines()[0]}")
+        except CheckpointError as exc:  # empty, not a torch file, or not a checkpoint's layout
+            raise UsageError(f"{args.checkpoint} is not a fastdense episodic checkpoint: {exc.problem}") from None
+        spec, saved_fold, data = _episodic_spec(ckpt, args.checkpoint)
         if args.fold is not None and args.fold != saved_fold:
             raise UsageError(f"{args.checkpoint} was meta-trained with fold {saved_fold} held out; --fold {args.fold} "
                              "would test on tasks it was trained on")
@@ -87,16 +115,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
                 "test_samples": args.test_samples, "seed": args.seed}
     if not 0 <= fold < len(SYNTHETIC_FOLDS):
         raise UsageError(f"{args.checkpoint} holds out fold {fold}, not one of 0-{len(SYNTHETIC_FOLDS) - 1}")
-    _positive("shots", args.shots)
-    _positive("runs", args.runs)
-    _positive("queries", args.queries)
-    _positive("meta-steps", args.meta_steps)
-    _positive("adapt-steps", args.adapt_steps, 0)
-    _positive("train-samples", data["train_samples"])
-    _positive("test-samples", data["test_samples"])
     res = data["resolution"]
-    if not isinstance(res, int) or res % 4 or not 64 <= res <= 448:
-        raise UsageError(f"--resolution must be a multiple of 4 in [64, 448], got {res!r}")
     if args.shots + 1 > data["test_samples"]:
         raise UsageError(f"--shots {args.shots} leaves no query image among {data['test_samples']} test scenes; "
                          "use fewer shots or more --test-samples")
@@ -114,8 +133,8 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     torch.manual_seed(data["seed"])
     try:
         model = build_model(spec["model"], spec["tasks"], **spec.get("model_kwargs", {}))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"cannot build model {spec['model']!r}: {exc}")
+    except (ValueError, TypeError) as exc:  # a checkpoint's spec naming an unknown model or arguments
+        raise UsageError(f"cannot build model {spec['model']!r}: {first_line(exc)}") from None
     cfg = EpisodicConfig(steps=args.meta_steps, warmup_steps=max(1, min(10, args.meta_steps // 10)),
                          adapt_steps=args.adapt_steps, seed=data["seed"], progress=args.progress)
     trainer = EpisodicTrainer(model, sampler, config=cfg, run_dir=args.run_dir, device=device, run_spec=spec)
@@ -124,8 +143,10 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     if args.checkpoint is not None:
         try:
             step = trainer.resume(args.checkpoint, rng=False)
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise UsageError(f"cannot load {args.checkpoint}: {str(exc).splitlines()[0]}")
+        except CheckpointError as exc:  # the weights are another model's
+            raise UsageError(f"cannot load {args.checkpoint}: {exc.problem}") from None
+        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. an optimiser state of other parameters
+            raise UsageError(f"cannot load {args.checkpoint}: {first_line(exc)}") from None
         print(f"loaded {args.checkpoint} (meta-trained for {step} episodes)", file=out)
     else:
         start = time.perf_counter()

@@ -6,6 +6,7 @@ import os
 import sys
 
 from fastdense._device import device_tag
+from fastdense.cli import _options as checks
 from fastdense.cli._common import UsageError, usage_error
 from fastdense.cli._main import command
 
@@ -50,6 +51,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not _have_pytest_benchmark():
             raise UsageError("pytest-benchmark is not installed; pip install pytest-benchmark")
         bench_dir = _find_bench_dir(args.bench_dir)
+        # Written after the whole suite has run: a path that cannot take it must fail first.
+        checks.check_options(vars(args), {"output": checks.optional(checks.writable_file)})
     except UsageError as exc:
         return usage_error("bench", exc)
     output = os.path.abspath(args.output or os.path.join(bench_dir, "results", f"{device_tag()}.json"))

@@ -10,7 +10,8 @@ import sys
 from typing import TextIO
 
 from fastdense._progress import ProgressBar
-from fastdense.cli._common import UsageError
+from fastdense.cli import _options as checks
+from fastdense.cli._common import UsageError, pick_device, usage_error
 from fastdense.cli._main import command
 from fastdense.cli.info import print_info
 
@@ -32,6 +33,13 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for the training part (default 1; 0 keeps torch's default)")
 
 
+# What each option must be (fastdense.cli._options); --train-steps, which may come from the
+# environment, is checked in cmd_demo. Checked before the op part, which takes minutes, so a
+# bad option of the training part does not fail only at the end.
+DEMO_SCHEMA = {"device": checks.device, "time_budget": checks.number(0), "resolution": checks.resolution,
+               "threads": checks.threads, "run_dir": checks.optional(checks.writable_dir)}
+
+
 @command("demo", "print info, check and time every available backend of the multi-task LoRA op, "
                  "check every other op's backends, then train the tiny multi-task model briefly and compare it with a trivial baseline",
          arguments=_demo_arguments)
@@ -45,8 +53,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"fastdense demo: error: {DEMO_STEPS_ENV}={env!r} is not an integer", file=sys.stderr)
             return 2
     if steps < 0:
-        print(f"fastdense demo: error: --train-steps must be >= 0, got {steps}", file=sys.stderr)
+        source = "--train-steps" if args.train_steps is not None else DEMO_STEPS_ENV
+        print(f"fastdense demo: error: {source} must be >= 0, got {steps}", file=sys.stderr)
         return 2
+    try:
+        checks.check_options(vars(args), DEMO_SCHEMA)
+        pick_device(args.device)  # --device cuda on a machine without one is a usage error here too
+    except UsageError as exc:
+        return usage_error("demo", exc)
     # One thread by default: the tiny model's ops are too small to gain from more, and on a machine
     # shared with other jobs OpenMP threads spin-wait for each other (measured here: 0.23 s/step with
     # one thread, 1.7 s/step with two on 2 busy cores).

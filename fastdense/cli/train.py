@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import TextIO
 
-from fastdense.cli._common import UsageError, pick_device, usage_error
+from fastdense.cli import _options as checks
+from fastdense.cli._common import UsageError, first_line, pick_device, require_file, usage_error
 from fastdense.cli._config import load_config_file
 from fastdense.cli._main import command
 from fastdense.cli._metrics_table import format_metrics_table
@@ -53,21 +53,43 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bar")
 
 
+# What each option must be (fastdense.cli._options); checked on the merged options, so a
+# value from --config gets the same checks as a flag's and its message names the file.
+TRAIN_SCHEMA = {
+    "model": checks.text, "tasks": checks.name_list, "steps": checks.positive, "batch_size": checks.positive,
+    "resolution": checks.resolution, "lr": checks.number(above=0), "weight_decay": checks.number(0),
+    "warmup_steps": checks.non_negative, "grad_accum": checks.positive,
+    "clip_grad": checks.optional(checks.number(0)), "eval_every": checks.non_negative,
+    "log_every": checks.non_negative, "save_every": checks.non_negative, "train_samples": checks.positive,
+    "val_samples": checks.positive, "seed": checks.seed, "device": checks.device, "threads": checks.threads,
+    "progress": checks.boolean, "resume": checks.optional(checks.text),
+    "run_dir": checks.writable_dir,  # last: the only check that touches the file system
+}
+
+
 def train_options(args: argparse.Namespace) -> dict:
+    """Defaults < ``--config`` file < flags, checked against :data:`TRAIN_SCHEMA`."""
     opts = dict(TRAIN_DEFAULTS)
+    sources = {}
     if getattr(args, "config", None):
-        opts.update(load_config_file(args.config, TRAIN_DEFAULTS))
+        from_file = load_config_file(args.config, TRAIN_DEFAULTS)
+        opts.update(from_file)
+        sources = {key: f"{key} in config file {args.config}" for key in from_file}
     for key in TRAIN_DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
-    return opts
+            sources.pop(key, None)
+    return checks.check_options(opts, TRAIN_SCHEMA, sources)
 
 
-def _check_run_setup(opts: dict) -> list:
-    """Validate model, tasks, numbers and paths before any work; returns the task list."""
+def _check_run_setup(opts: dict) -> tuple[dict, list]:
+    """Validate options, model, tasks and paths before any work; returns the checked options
+    and the task list. (Options from :func:`train_options` are checked already; callers of
+    :func:`run_train` that build the dict themselves get the same checks here.)"""
     from fastdense.models import MODELS, check_tasks
 
+    opts = checks.check_options(opts, TRAIN_SCHEMA)
     if opts["model"] not in MODELS:
         raise UsageError(f"unknown model {opts['model']!r}; valid models: {', '.join(sorted(MODELS))}")
     try:
@@ -77,15 +99,9 @@ def _check_run_setup(opts: dict) -> list:
     unsupported = [t for t in tasks if t not in ALL_TRAIN_TASKS]
     if unsupported:
         raise UsageError(f"task(s) {unsupported} cannot be trained; supported: {', '.join(ALL_TRAIN_TASKS)}")
-    for key in ("steps", "batch_size", "train_samples", "val_samples", "grad_accum"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
-    res = opts["resolution"]
-    if not isinstance(res, int) or res % 4 or not 64 <= res <= 448:
-        raise UsageError(f"--resolution must be a multiple of 4 in [64, 448], got {res!r}")
-    if opts["resume"] and not os.path.isfile(opts["resume"]):
-        raise UsageError(f"checkpoint to resume not found: {opts['resume']}")
-    return tasks
+    if opts["resume"]:
+        require_file(opts["resume"], "checkpoint to resume")
+    return opts, tasks
 
 
 def run_train(opts: dict, out: TextIO | None = None) -> dict:
@@ -96,9 +112,10 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
     from fastdense.data import SyntheticScenes
     from fastdense.engine import MultiTaskTrainer, TrainConfig
     from fastdense.engine import distributed as fd_dist
+    from fastdense.engine.checkpoint import CheckpointError
     from fastdense.models import build_model
 
-    tasks = _check_run_setup(opts)
+    opts, tasks = _check_run_setup(opts)
     device = pick_device(opts["device"])
     if opts["threads"]:
         torch.set_num_threads(int(opts["threads"]))
@@ -127,8 +144,10 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
     if opts["resume"]:
         try:
             step = trainer.resume(opts["resume"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise UsageError(f"cannot resume from {opts['resume']}: {str(exc).splitlines()[0]}")
+        except CheckpointError as exc:  # not a checkpoint, or the weights of another model or tasks
+            raise UsageError(f"cannot resume from {opts['resume']}: {exc.problem}") from None
+        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. an optimiser state of other parameters
+            raise UsageError(f"cannot resume from {opts['resume']}: {first_line(exc)}") from None
         print(f"resumed from {opts['resume']} at step {step}", file=out)
     is_main = fd_dist.is_main_process()
     try:

@@ -130,9 +130,11 @@ def _open_image(path: Path, what: str):
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        # PIL raises UnidentifiedImageError (an OSError) for non-images and
-        # OSError/SyntaxError for truncated ones.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images,
+        # OSError/SyntaxError for truncated ones, and DecompressionBombError
+        # (a bare Exception) for a header claiming more than twice
+        # Image.MAX_IMAGE_PIXELS pixels: a damaged or hostile file all the same.
         raise CorruptFileError(f"cannot decode {what} {path}: {e}", path) from e
     return img
 

@@ -219,6 +219,16 @@ def test_pascal_corrupt_and_out_of_range_files(pascal_root):
         PascalContextMT(pascal_root, tasks=("normals",))[0]
 
 
+def test_decompression_bomb_is_a_corrupt_file_naming_it(pascal_root, monkeypatch):
+    # PIL refuses images of more than 2 x MAX_IMAGE_PIXELS pixels with DecompressionBombError (not an
+    # OSError); a lower limit makes the tiny fixture image one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)
+    ds = PascalContextMT(pascal_root, tasks=("semseg",))
+    with pytest.raises(CorruptFileError, match=rf"cannot decode image .*{PASCAL_TRAIN[0]}\.jpg: Image size") as info:
+        ds[0]
+    assert info.value.path.endswith(f"{PASCAL_TRAIN[0]}.jpg")
+
+
 # --------------------------------------------------------------------------- NYUD
 NYU_TRAIN, NYU_VAL = ["0003", "0004"], ["0005"]
 SEG_RAW = (np.arange(H * W, dtype=np.uint8).reshape(H, W) % 41)
