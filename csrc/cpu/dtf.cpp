@@ -1,5 +1,6 @@
-// CPU kernels of the Dynamic Task Filter's internal ops (schemas: csrc/ops_dtf.cpp;
-// contract: fastdense/ops/dtf.py; algorithm: fastdense/ops/_dtf_torch.py).
+// CPU kernels of the Dynamic Task Filter's internal ops (schemas:
+// csrc/dtf_schema.cpp; contract: fastdense/ops/dtf.py; algorithm:
+// fastdense/ops/_dtf_phases.py; window geometry: csrc/dtf_geometry.h).
 //
 // Tokens stay channels-last (S, H, W, r), the layout the down-projection GEMM
 // writes, so no transpose to NCHW is ever made (the grouped-conv trick of the
@@ -21,6 +22,8 @@
 #include <optional>
 #include <vector>
 
+#include "../dtf_geometry.h"
+
 namespace fastdense {
 namespace {
 
@@ -28,17 +31,7 @@ using at::Tensor;
 
 constexpr const char* kOp = "fastdense dynamic task filter (cpp): ";
 
-struct Geometry {
-  int64_t S = 0, H = 0, W = 0, r = 0;  // samples, map, channels
-  int64_t wh = 0, ww = 0, nh = 0, nw = 0;
-  int64_t nwin() const { return nh * nw; }
-  int64_t win_y0(int64_t wy) const { return wy * wh; }
-  int64_t win_y1(int64_t wy) const { return std::min(wy * wh + wh, H); }
-  int64_t win_x0(int64_t wx) const { return wx * ww; }
-  int64_t win_x1(int64_t wx) const { return std::min(wx * ww + ww, W); }
-};
-
-Geometry make_geometry(const Tensor& tokens, const char* name, int64_t height, int64_t width, int64_t window) {
+DtfGeometry make_geometry(const Tensor& tokens, const char* name, int64_t height, int64_t width, int64_t window) {
   TORCH_CHECK(tokens.device().is_cpu(), kOp, name, " must be a CPU tensor, got ", tokens.device());
   const auto st = tokens.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, kOp, "supports float32/float64, got ", name, " of dtype ", st);
@@ -47,24 +40,15 @@ Geometry make_geometry(const Tensor& tokens, const char* name, int64_t height, i
   TORCH_CHECK(tokens.size(1) == height * width, kOp, name, " has N = ", tokens.size(1), " tokens but height * width = ",
               height * width);
   TORCH_CHECK(window >= 0, kOp, "window must be >= 0, got ", window);
-  Geometry g;
-  g.S = tokens.size(0);
-  g.H = height;
-  g.W = width;
-  g.r = tokens.size(2);
-  g.wh = window > 0 ? std::min(window, height) : height;
-  g.ww = window > 0 ? std::min(window, width) : width;
-  g.nh = (height + g.wh - 1) / g.wh;
-  g.nw = (width + g.ww - 1) / g.ww;
-  return g;
+  return DtfGeometry::make(tokens.size(0), height, width, tokens.size(2), window);
 }
 
-int64_t kernel_size_of(const Tensor& theta, const Geometry& g, const Tensor& ref) {
+int64_t kernel_size_of(const Tensor& theta, const DtfGeometry& g, const Tensor& ref) {
   TORCH_CHECK(theta.device().is_cpu(), kOp, "theta must be a CPU tensor, got ", theta.device());
   TORCH_CHECK(theta.scalar_type() == ref.scalar_type(), kOp, "theta has dtype ", theta.scalar_type(),
               " but the tokens have ", ref.scalar_type());
-  TORCH_CHECK(theta.dim() == 4 && theta.size(0) == g.S && theta.size(1) == g.nwin() && theta.size(2) == g.r, kOp,
-              "theta must have shape (S=", g.S, ", n_windows=", g.nwin(), ", r=", g.r, ", k*k), got ",
+  TORCH_CHECK(theta.dim() == 4 && theta.size(0) == g.S && theta.size(1) == g.n_windows() && theta.size(2) == g.r, kOp,
+              "theta must have shape (S=", g.S, ", n_windows=", g.n_windows(), ", r=", g.r, ", k*k), got ",
               theta.sizes());
   int64_t k = 1;
   while (k * k < theta.size(3)) ++k;
@@ -77,18 +61,19 @@ int64_t kernel_size_of(const Tensor& theta, const Geometry& g, const Tensor& ref
 // the r channels of one tap become one contiguous, vectorisable row.
 Tensor taps_major(const Tensor& theta) { return theta.transpose(2, 3).contiguous(); }
 
-int64_t row_grain(const Geometry& g, int64_t k) {
+int64_t row_grain(const DtfGeometry& g, int64_t k) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, g.W * g.r * k * k));
 }
 
 // out[s, y, x, :] = sum_{a,b} taps[a*k+b, :] * src[s, y + sign*(a-p), x + sign*(b-p), :],
 // the source restricted to the pixel's window. sign = +1: forward (correlation);
-// sign = -1: dh (the adjoint, the flipped filter). Adds scale_pool * pooled[win] when given.
+// sign = -1: dh (the adjoint, the flipped filter). When pooled is given, adds
+// pooled[win] / (tokens in the window): the GAP's adjoint.
 template <typename scalar_t>
-void conv_rows(const scalar_t* src, const scalar_t* taps, const scalar_t* pooled, scalar_t* out, const Geometry& g,
+void conv_rows(const scalar_t* src, const scalar_t* taps, const scalar_t* pooled, scalar_t* out, const DtfGeometry& g,
                int64_t k, int sign) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t p = k / 2, kk = k * k, r = g.r, nwin = g.nwin();
+  const int64_t p = k / 2, kk = k * k, r = g.r, nwin = g.n_windows();
   at::parallel_for(0, g.S * g.H, row_grain(g, k), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(r);
     for (int64_t row = begin; row < end; ++row) {
@@ -126,14 +111,14 @@ void conv_rows(const scalar_t* src, const scalar_t* taps, const scalar_t* pooled
 
 // ============================================================================ ops
 Tensor dtf_gap(const Tensor& h_in, int64_t height, int64_t width, int64_t window) {
-  const Geometry g = make_geometry(h_in, "h", height, width, window);
+  const DtfGeometry g = make_geometry(h_in, "h", height, width, window);
   const Tensor h = h_in.contiguous();
-  Tensor pooled = at::empty({g.S, g.nwin(), g.r}, h.options());
+  Tensor pooled = at::empty({g.S, g.n_windows(), g.r}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dtf_gap", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* out = pooled.data_ptr<scalar_t>();
-    const int64_t r = g.r, nwin = g.nwin();
+    const int64_t r = g.r, nwin = g.n_windows();
     at::parallel_for(0, g.S * nwin, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(r);
       for (int64_t sw = begin; sw < end; ++sw) {
@@ -154,7 +139,7 @@ Tensor dtf_gap(const Tensor& h_in, int64_t height, int64_t width, int64_t window
 }
 
 Tensor dtf_dwconv_fwd(const Tensor& h_in, const Tensor& theta, int64_t height, int64_t width, int64_t window) {
-  const Geometry g = make_geometry(h_in, "h", height, width, window);
+  const DtfGeometry g = make_geometry(h_in, "h", height, width, window);
   const int64_t k = kernel_size_of(theta, g, h_in);
   const Tensor h = h_in.contiguous();
   const Tensor taps = taps_major(theta);
@@ -168,7 +153,7 @@ Tensor dtf_dwconv_fwd(const Tensor& h_in, const Tensor& theta, int64_t height, i
 
 Tensor dtf_dwconv_dh(const Tensor& grad_in, const Tensor& theta, int64_t height, int64_t width, int64_t window,
                      const std::optional<Tensor>& d_pooled_in) {
-  const Geometry g = make_geometry(grad_in, "grad", height, width, window);
+  const DtfGeometry g = make_geometry(grad_in, "grad", height, width, window);
   const int64_t k = kernel_size_of(theta, g, grad_in);
   const Tensor grad = grad_in.contiguous();
   const Tensor taps = taps_major(theta);
@@ -177,9 +162,9 @@ Tensor dtf_dwconv_dh(const Tensor& grad_in, const Tensor& theta, int64_t height,
     d_pooled = d_pooled_in->contiguous();
     TORCH_CHECK(d_pooled.scalar_type() == grad.scalar_type() && d_pooled.device().is_cpu(), kOp,
                 "d_pooled must be a CPU tensor of the gradient's dtype");
-    TORCH_CHECK(d_pooled.dim() == 3 && d_pooled.size(0) == g.S && d_pooled.size(1) == g.nwin() &&
+    TORCH_CHECK(d_pooled.dim() == 3 && d_pooled.size(0) == g.S && d_pooled.size(1) == g.n_windows() &&
                     d_pooled.size(2) == g.r,
-                kOp, "d_pooled must have shape (S=", g.S, ", n_windows=", g.nwin(), ", r=", g.r, "), got ",
+                kOp, "d_pooled must have shape (S=", g.S, ", n_windows=", g.n_windows(), ", r=", g.r, "), got ",
                 d_pooled.sizes());
   }
   Tensor dh = at::empty_like(grad);
@@ -193,12 +178,12 @@ Tensor dtf_dwconv_dh(const Tensor& grad_in, const Tensor& theta, int64_t height,
 
 Tensor dtf_dwconv_dtheta(const Tensor& grad_in, const Tensor& h_in, int64_t height, int64_t width, int64_t window,
                          int64_t kernel_size) {
-  const Geometry g = make_geometry(grad_in, "grad", height, width, window);
+  const DtfGeometry g = make_geometry(grad_in, "grad", height, width, window);
   TORCH_CHECK(h_in.sizes() == grad_in.sizes() && h_in.scalar_type() == grad_in.scalar_type() && h_in.device().is_cpu(),
               kOp, "h must be a CPU tensor of grad's shape ", grad_in.sizes(), " and dtype, got ", h_in.sizes());
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, kOp, "kernel_size must be odd, got ", kernel_size);
   const Tensor grad = grad_in.contiguous(), h = h_in.contiguous();
-  const int64_t k = kernel_size, kk = k * k, p = k / 2, r = g.r, nwin = g.nwin();
+  const int64_t k = kernel_size, kk = k * k, p = k / 2, r = g.r, nwin = g.n_windows();
   Tensor dtheta = at::empty({g.S, nwin, r, kk}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "dtf_dwconv_dtheta", [&] {
     using acc_t = at::opmath_type<scalar_t>;

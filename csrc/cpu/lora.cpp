@@ -4,7 +4,7 @@
 // Every GEMM runs on all M rows through ATen's BLAS, which threads it itself:
 // per-row-tile BLAS calls measured ~1.5x slower here for the skinny LoRA GEMMs
 // (MKL's small-M path), so tiles are left to the memory-bound work BLAS cannot
-// fuse, done by the row kernels of mt_lora_utils.h under at::parallel_for:
+// fuse, done by the row kernels of lora_rows.h under at::parallel_for:
 //   forward:  one pass writes all G outputs from the base row (bias, the shared
 //             and task updates of small rank added from registers);
 //   backward: one pass reads the G output gradients once to form their sum, the
@@ -23,7 +23,7 @@
 #include <optional>
 #include <vector>
 
-#include "mt_lora_utils.h"
+#include "lora_rows.h"
 
 // The extension is built for the baseline ISA; the row kernels get AVX2 and
 // AVX-512 clones picked at load time where the toolchain supports it.

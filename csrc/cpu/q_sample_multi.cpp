@@ -1,6 +1,6 @@
 // CPU kernels of fastdense::_q_sample_multi_fwd / _q_sample_multi_bwd
-// (schemas: csrc/ops_timesteps.cpp; contract and equations:
-// fastdense/ops/timesteps.py).
+// (schemas: csrc/q_sample_multi_schema.cpp; contract and equations:
+// fastdense/ops/q_sample_multi.py).
 //
 // The op is purely memory-bound, so the kernels are organised around touching
 // each input element once: work items are (sample b, chunk of kChunk columns);

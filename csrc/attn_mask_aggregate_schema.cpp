@@ -1,5 +1,6 @@
 // Schemas of the internal kernel ops of attention-mask aggregation (contract:
-// fastdense/ops/attn_aggregate.py). The CPU kernels are in csrc/cpu/attn_aggregate.cpp.
+// fastdense/ops/attn_mask_aggregate.py). The CPU kernels are in
+// csrc/cpu/attn_mask_aggregate.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastdense, m) {

@@ -1,13 +1,14 @@
 // Schemas of the internal kernel ops of TADFormer's Dynamic Task Filter
 // (public operators and tensor contract: fastdense/ops/dtf.py; algorithm:
-// fastdense/ops/_dtf_torch.py). CPU kernels: csrc/cpu/dtf.cpp; CUDA kernels:
-// csrc/cuda/dtf_dwconv_bind.cpp.
+// fastdense/ops/_dtf_phases.py). CPU kernels: csrc/cpu/dtf.cpp; CUDA kernels:
+// csrc/cuda/dtf_bind.cpp.
 //
 // Tokens are channels-last, h (S, N = H*W, r) in raster order; filters are
 // theta (S, n_windows, r, k*k) with any stride over samples and windows (a
 // static filter is broadcast with stride 0). window = 0: one window covering
-// the map; window = w: w x w windows, the last row/column clipped, each
-// convolved on its own with zero padding at its border.
+// the map; window = w: w x w windows, the last row/column clipped (a window
+// larger than the map is the map), each convolved on its own with zero
+// padding at its border (csrc/dtf_geometry.h).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastdense, m) {

@@ -1,9 +1,10 @@
 // CUDA kernels of fastdense::_q_sample_multi_fwd / _q_sample_multi_bwd
-// (schemas in csrc/ops_timesteps.cpp, tensor contract and semantics in
-// fastdense/ops/timesteps.py). Checks the arguments, makes them contiguous and
-// calls the raw launchers of q_sample.cu on the current stream. Timesteps are
-// not read on the host (that would synchronise the device): the kernels write
-// NaN rows for timesteps outside [0, len(alphas_cumprod)).
+// (schemas in csrc/q_sample_multi_schema.cpp, tensor contract and semantics in
+// fastdense/ops/q_sample_multi.py). Checks the arguments, makes them contiguous
+// and calls the raw launchers of q_sample_multi.cu on the current stream.
+// Timesteps are not read on the host (that would synchronise the device): a
+// timestep outside [0, len(alphas_cumprod)) gives NaN coefficients: NaN
+// output rows in the forward, NaN in every gradient it adds to in the backward.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,9 +13,11 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
-#include "q_sample.h"
+#include "bind_common.h"
+#include "q_sample_multi.h"
 
 namespace {
 
@@ -23,33 +26,20 @@ namespace fdc = fastdense::cuda;
 
 constexpr const char* kOp = "fastdense q_sample_multi (cuda): ";
 
-fdc::QSampleDtype kernel_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat:
-      return fdc::QSampleDtype::kFloat32;
-    case at::kHalf:
-      return fdc::QSampleDtype::kFloat16;
-    case at::kBFloat16:
-      return fdc::QSampleDtype::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
-  }
+fdc::Dtype kernel_dtype(at::ScalarType t, const char* name) {
+  const std::optional<fdc::Dtype> d = fdc::element_dtype(t);
+  TORCH_CHECK_TYPE(d.has_value(), kOp, name, " must be float32, float16 or bfloat16, got ", t);
+  return *d;
 }
 
-fdc::QSampleScheduleDtype schedule_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return fdc::QSampleScheduleDtype::kFloat32;
-    case at::kDouble:
-      return fdc::QSampleScheduleDtype::kFloat64;
-    default:
-      TORCH_CHECK_TYPE(false, kOp, "alphas_cumprod must be float32 or float64, got ", t);
-  }
+fdc::Dtype schedule_dtype(at::ScalarType t) {
+  const std::optional<fdc::Dtype> d = fdc::kernel_dtype(t);
+  TORCH_CHECK_TYPE(d == fdc::Dtype::kFloat32 || d == fdc::Dtype::kFloat64, kOp,
+                   "alphas_cumprod must be float32 or float64, got ", t);
+  return *d;
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, kOp, what, " failed: ", cudaGetErrorString(err));
-}
+void check_launch(cudaError_t err, const char* what) { fdc::check_cuda(err, kOp, what); }
 
 // timesteps (k,) int64 and alphas_cumprod (T,) on the device of `like`.
 void check_schedule(const Tensor& timesteps, const Tensor& alphas_cumprod, const Tensor& like) {
@@ -68,7 +58,7 @@ void check_schedule(const Tensor& timesteps, const Tensor& alphas_cumprod, const
 Tensor q_sample_multi_fwd_cuda(const Tensor& z0_in, const Tensor& noise_in, const Tensor& timesteps,
                                const Tensor& alphas_cumprod, bool sample_major) {
   TORCH_CHECK_VALUE(z0_in.is_cuda(), kOp, "z0 must be a CUDA tensor, got one on ", z0_in.device());
-  const fdc::QSampleDtype dtype = kernel_dtype(z0_in.scalar_type(), "z0");
+  const fdc::Dtype dtype = kernel_dtype(z0_in.scalar_type(), "z0");
   TORCH_CHECK_VALUE(z0_in.dim() == 2, kOp, "z0 must have shape (B, N), got ", z0_in.sizes());
   TORCH_CHECK_VALUE(noise_in.device() == z0_in.device(), kOp, "noise is on ", noise_in.device(), " but z0 is on ",
                     z0_in.device());
@@ -99,7 +89,7 @@ std::tuple<Tensor, Tensor> q_sample_multi_bwd_cuda(const Tensor& grad_in, const 
                                                    const Tensor& alphas_cumprod, int64_t batch, bool sample_major,
                                                    bool shared_noise, const c10::List<bool>& needs) {
   TORCH_CHECK_VALUE(grad_in.is_cuda(), kOp, "grad must be a CUDA tensor, got one on ", grad_in.device());
-  const fdc::QSampleDtype dtype = kernel_dtype(grad_in.scalar_type(), "grad");
+  const fdc::Dtype dtype = kernel_dtype(grad_in.scalar_type(), "grad");
   check_schedule(timesteps, alphas_cumprod, grad_in);
   TORCH_CHECK_VALUE(needs.size() == 2, kOp, "needs must have 2 entries (z0, noise), got ", needs.size());
   TORCH_CHECK_VALUE(batch >= 0, kOp, "batch must be >= 0, got ", batch);

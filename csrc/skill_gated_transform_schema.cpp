@@ -1,8 +1,8 @@
 // Schemas of the internal kernel ops of the TDSS skill-gated transform.
 //
 // The public operator torch.ops.fastdense.skill_gated_transform is declared in
-// fastdense/ops/skill_adapter.py (tensor contract there); its cpp backend calls
-// these, implemented in csrc/cpu/skill_adapter.cpp.
+// fastdense/ops/skill_gated_transform.py (tensor contract there); its cpp
+// backend calls these, implemented in csrc/cpu/skill_gated_transform.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastdense, m) {

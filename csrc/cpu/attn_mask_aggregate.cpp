@@ -1,5 +1,6 @@
 // CPU kernels of fastdense::_attn_aggregate_fwd / _attn_aggregate_bwd
-// (contract: fastdense/ops/attn_aggregate.py; algorithm: fastdense/ops/_attn_aggregate_torch.py).
+// (contract: fastdense/ops/attn_mask_aggregate.py; algorithm:
+// fastdense/ops/_attn_mask_aggregate_torch.py).
 //
 // M_attn = M_sa^T M_ca (concept-codebook paper §3.3) without the L x L matrix
 // M_sa: the work is cut into tasks (b, h, row range) run under
@@ -13,11 +14,11 @@
 //
 // with a = 1/H for head_reduce="mean", else 1, and G the output gradient of
 // the batch (every head) or of the head ("none"). The only buffers a thread
-// holds are its tiles (T x L, T chosen so one is about 256K values) and, for
-// outputs several tasks add into (the head-reduced map, dk when a head's rows
-// are split, the gradient of a shared m_ca), a private accumulator of the
-// task's share that is added into the output under a mutex when the task ends
-// -- never a per-head (B, H, L, N) buffer, never L x L.
+// holds are its tiles (T x L, T from tile_rows: at most 256K values unless
+// L > 8192) and, for outputs several tasks add into (the head-reduced map, dk
+// when a head's rows are split, the gradient of a shared m_ca), a private
+// accumulator of the task's share that is added into the output under a mutex
+// when the task ends -- never a per-head (B, H, L, N) buffer, never L x L.
 //
 // The tile GEMMs and element-wise passes are ATen calls on views of the
 // thread's buffers: inside at::parallel_for they run on the calling thread
@@ -88,8 +89,9 @@ void check_lse(const Tensor& lse, const Dims& s, at::ScalarType st) {
               ", L=", s.L, "), got ", lse.sizes(), " on ", lse.device());
 }
 
-// Query rows per tile: about 256K scores (1 MiB of fp32) so that a tile and
-// the k rows it is multiplied with stay in L2; at least 32 rows for the GEMMs.
+// Query rows per tile: up to about 256K scores (1 MiB of fp32) so that a tile
+// and the k rows it is multiplied with stay in L2; 32 to 128 rows, at least 32
+// for the GEMMs (so above L = 8192 a tile holds more than 256K scores).
 int64_t tile_rows(int64_t L) { return std::max<int64_t>(32, std::min<int64_t>(128, (int64_t(1) << 18) / L)); }
 
 // Row splits per (b, h): enough tasks to keep every thread busy when B * H is small.
@@ -115,7 +117,7 @@ std::tuple<Tensor, Tensor> attn_aggregate_fwd_cpu(const Tensor& q_in, const Tens
                                                   c10::string_view head_reduce_sv) {
   const Dims s = check_inputs(q_in, k_in, m_in);
   const Reduce reduce = parse_reduce(std::string(head_reduce_sv));
-  // Detached: the op is differentiated as a whole (fastdense/ops/attn_aggregate.py).
+  // Detached: the op is differentiated as a whole (fastdense/ops/attn_mask_aggregate.py).
   const Tensor q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), m_ca = m_in.detach().contiguous();
   const auto opts = q.options();
   const bool have_lse = lse_in.has_value();

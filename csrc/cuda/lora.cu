@@ -1,19 +1,18 @@
 // Multi-task LoRA kernels: the forward grouped-expand epilogue and the backward
 // row kernel. Raw CUDA only (no torch headers): the ATen glue that runs the
-// GEMMs on cuBLAS and calls these launchers is mt_lora_bind.cpp.
+// GEMMs on cuBLAS and calls these launchers is lora_bind.cpp.
 //
 // Both kernels work on the parts of the op that cuBLAS would otherwise do as
 // G separate, memory-bound passes over (M, N) arrays. The rank dimension is
 // small, so the math runs on CUDA cores with fp32 accumulation for every
 // element type, and the win is in touching each (M, N) element once.
-#include "mt_lora.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "lora.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+
+#include "common.cuh"
 
 namespace fastdense {
 namespace cuda {
@@ -54,30 +53,9 @@ constexpr int kBwdMinChunksPerSplit = 8;
 
 struct Segments {
   int count;                             // G
-  int off[kMtLoraMaxAdapters + 1];       // first column of adapter a in h / lora_b
-  int poff[kMtLoraMaxAdapters + 1];      // same in the padded rank space
-  float scale[kMtLoraMaxAdapters];
-};
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+  int off[kLoraMaxAdapters + 1];         // first column of adapter a in h / lora_b
+  int poff[kLoraMaxAdapters + 1];        // same in the padded rank space
+  float scale[kLoraMaxAdapters];
 };
 
 __device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -333,12 +311,8 @@ mt_lora_sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ dh,
 
 // ----------------------------------------------------------------------------- host side
 
-constexpr int64_t kIntMax = 2147483647;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 bool make_segments(const int64_t* ranks, const double* scales, int num_adapters, Segments* seg) {
-  if (ranks == nullptr || scales == nullptr || num_adapters < 1 || num_adapters > kMtLoraMaxAdapters) return false;
+  if (ranks == nullptr || scales == nullptr || num_adapters < 1 || num_adapters > kLoraMaxAdapters) return false;
   seg->count = num_adapters;
   int64_t off = 0, poff = 0;
   seg->off[0] = 0;
@@ -347,7 +321,7 @@ bool make_segments(const int64_t* ranks, const double* scales, int num_adapters,
     if (ranks[a] < 1) return false;
     off += ranks[a];
     poff += ceil_div(ranks[a], 4) * 4;
-    if (poff > kIntMax) return false;
+    if (poff > std::numeric_limits<int>::max()) return false;
     seg->off[a + 1] = static_cast<int>(off);
     seg->poff[a + 1] = static_cast<int>(poff);
     seg->scale[a] = static_cast<float>(scales[a]);
@@ -362,7 +336,7 @@ cudaError_t launch_fwd(const void* base, const void* h, const void* lora_b, void
                        const Segments& seg, bool shared_in_tasks, int sm_count, cudaStream_t stream) {
   const int R = seg.off[seg.count];
   const int64_t n_blocks = ceil_div(N, kFwdBN);
-  if (n_blocks > 65535) return cudaErrorInvalidValue;
+  if (n_blocks > kMaxGridY) return cudaErrorInvalidValue;
   // Taller tiles reuse each staged lora_b chunk for more rows; shorter ones
   // keep the GPU busy when M is small.
   const bool tall = ceil_div(M, kWarps * 8) * n_blocks >= 2 * static_cast<int64_t>(sm_count);
@@ -387,9 +361,8 @@ cudaError_t launch_bwd_qk(const T* grad, const T* lora_b, T* grad_base, T* dh, f
                           size_t smem, cudaStream_t stream) {
   auto kernel = mt_lora_bwd_rows_kernel<T, QK>;
   if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+    FASTDENSE_CUDA_TRY(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const int R = seg.off[seg.count];
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kBwdBM)), static_cast<unsigned>(splits));
@@ -407,7 +380,7 @@ cudaError_t launch_bwd(const void* grad, const void* lora_b, void* grad_base, vo
   const int n_per_split = chunks * kBwdBN;
   // Rounding the chunk count up may leave fewer non-empty slices than asked.
   const int used = static_cast<int>(ceil_div(N, n_per_split));
-  if (used > 65535) return cudaErrorInvalidValue;
+  if (used > kMaxGridY) return cudaErrorInvalidValue;
   float* partial = used > 1 ? workspace : nullptr;
   if (used > 1 && workspace == nullptr) return cudaErrorInvalidValue;
 
@@ -416,17 +389,21 @@ cudaError_t launch_bwd(const void* grad, const void* lora_b, void* grad_base, vo
   T* gb = static_cast<T*>(grad_base);
   T* d = static_cast<T*>(dh);
   const size_t smem = mt_lora_bwd_smem_bytes(seg.count, R, Rp);
-  cudaError_t err;
+  // QK 4-column groups per lane: 32 lanes x 4 x QK padded columns.
+  static_assert(kLoraMaxPaddedRank <= 32 * 4 * 4, "the backward kernel's widest instance is QK = 4");
   if (Rp <= 128)
-    err = launch_bwd_qk<T, 1>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream);
+    FASTDENSE_CUDA_TRY(
+        launch_bwd_qk<T, 1>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream));
   else if (Rp <= 256)
-    err = launch_bwd_qk<T, 2>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream);
+    FASTDENSE_CUDA_TRY(
+        launch_bwd_qk<T, 2>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream));
   else
-    err = launch_bwd_qk<T, 4>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream);
-  if (err != cudaSuccess || partial == nullptr) return err;
+    FASTDENSE_CUDA_TRY(
+        launch_bwd_qk<T, 4>(g, lb, gb, d, partial, M, N, n_per_split, used, seg, shared_in_tasks, smem, stream));
+  if (partial == nullptr) return cudaSuccess;
 
   const int64_t count = static_cast<int64_t>(M) * R;
-  const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), 65535);
+  const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), kMaxGridY);
   mt_lora_sum_splits_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partial, d, count, used);
   return cudaGetLastError();
 }
@@ -445,7 +422,7 @@ int mt_lora_bwd_num_splits(int64_t M, int64_t N, int sm_count) {
   const int64_t chunks = ceil_div(N, kBwdBN);
   const int64_t want = ceil_div(2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1), m_blocks);
   const int64_t most = std::max<int64_t>(1, chunks / kBwdMinChunksPerSplit);
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, most, kMaxGridY}));
   // Report what launch_bwd will really use after rounding the slice length.
   return static_cast<int>(ceil_div(N, bwd_chunks_per_split(N, static_cast<int>(splits)) * int64_t{kBwdBN}));
 }
@@ -456,49 +433,35 @@ size_t mt_lora_bwd_smem_bytes(int num_adapters, int64_t total_rank, int64_t padd
          static_cast<size_t>(total_rank) * sizeof(int);
 }
 
-cudaError_t mt_lora_fwd_expand(MtLoraDtype dtype, const void* base, const void* h, const void* lora_b, void* out,
+cudaError_t mt_lora_fwd_expand(Dtype dtype, const void* base, const void* h, const void* lora_b, void* out,
                                int64_t M, int64_t N, const int64_t* ranks, const double* scales, int num_adapters,
                                bool shared_in_tasks, int sm_count, cudaStream_t stream) {
   Segments seg;
   if (!make_segments(ranks, scales, num_adapters, &seg)) return cudaErrorInvalidValue;
-  if (M < 0 || N < 0 || M > kIntMax || N > kIntMax) return cudaErrorInvalidValue;
+  if (M < 0 || N < 0 || M > kLoraMaxDim || N > kLoraMaxDim) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
-  switch (dtype) {
-    case MtLoraDtype::kFloat32:
-      return launch_fwd<float>(base, h, lora_b, out, m, n, seg, shared_in_tasks, sm_count, stream);
-    case MtLoraDtype::kFloat16:
-      return launch_fwd<__half>(base, h, lora_b, out, m, n, seg, shared_in_tasks, sm_count, stream);
-    case MtLoraDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(base, h, lora_b, out, m, n, seg, shared_in_tasks, sm_count, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_fwd<T>(base, h, lora_b, out, m, n, seg, shared_in_tasks, sm_count, stream);
+  });
 }
 
-cudaError_t mt_lora_bwd_rows(MtLoraDtype dtype, const void* grad, const void* lora_b, void* grad_base, void* dh,
+cudaError_t mt_lora_bwd_rows(Dtype dtype, const void* grad, const void* lora_b, void* grad_base, void* dh,
                              float* workspace, int splits, int64_t M, int64_t N, const int64_t* ranks,
                              const double* scales, int num_adapters, bool shared_in_tasks, cudaStream_t stream) {
   Segments seg;
   if (!make_segments(ranks, scales, num_adapters, &seg)) return cudaErrorInvalidValue;
-  if (seg.poff[num_adapters] > kMtLoraMaxPaddedRank) return cudaErrorInvalidValue;
-  if (M < 0 || N < 0 || M > kIntMax || N > kIntMax || splits < 1) return cudaErrorInvalidValue;
+  if (seg.poff[num_adapters] > kLoraMaxPaddedRank) return cudaErrorInvalidValue;
+  if (M < 0 || N < 0 || M > kLoraMaxDim || N > kLoraMaxDim || splits < 1) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  if (N == 0) {
-    // dh is a sum over an empty N: zero, and all-zero bits are 0.0 in every dtype.
-    const size_t elem = dtype == MtLoraDtype::kFloat32 ? sizeof(float) : sizeof(__half);
-    return cudaMemsetAsync(dh, 0, static_cast<size_t>(M) * seg.off[num_adapters] * elem, stream);
-  }
   const int m = static_cast<int>(M), n = static_cast<int>(N);
-  switch (dtype) {
-    case MtLoraDtype::kFloat32:
-      return launch_bwd<float>(grad, lora_b, grad_base, dh, workspace, splits, m, n, seg, shared_in_tasks, stream);
-    case MtLoraDtype::kFloat16:
-      return launch_bwd<__half>(grad, lora_b, grad_base, dh, workspace, splits, m, n, seg, shared_in_tasks, stream);
-    case MtLoraDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(grad, lora_b, grad_base, dh, workspace, splits, m, n, seg, shared_in_tasks,
-                                       stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    // dh is a sum over an empty N: zero, and all-zero bits are 0.0 in every element type.
+    if (n == 0) return cudaMemsetAsync(dh, 0, static_cast<size_t>(m) * seg.off[num_adapters] * sizeof(T), stream);
+    return launch_bwd<T>(grad, lora_b, grad_base, dh, workspace, splits, m, n, seg, shared_in_tasks, stream);
+  });
 }
 
 }  // namespace cuda

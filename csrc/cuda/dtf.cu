@@ -1,50 +1,41 @@
-// CUDA kernels of the Dynamic Task Filter's depthwise conv phase (TADFormer §3.4,
-// Eq. 3–4: θ_t ⊛ (f_t W_down)), declared in dtf_dwconv.h.
+// CUDA kernels of the Dynamic Task Filter's GAP and depthwise conv phases
+// (TADFormer §3.4, Eq. 3–4: θ_t ⊛ (f_t W_down)), declared in dtf.h.
 //
 // Layout: tokens channels-last (S, H, W, r), as the down-projection GEMM writes
-// them, so no NCHW transpose is made. One thread owns one (pixel, channel);
-// consecutive threads are consecutive channels of a pixel, so every token load
-// and store of a warp is a contiguous run, and the k*k neighbour loads of the
-// taps hit the same lines again (L1), the halo of the block's pixels.
-//   forward / dh: one output element per thread; the taps of its
-//                 (sample, window, channel) filter are read once into registers
-//                 (k is a template parameter); a tap whose source pixel falls
-//                 outside the pixel's window is skipped (zero padding at window
-//                 borders). dh also adds the GAP's adjoint d_pooled / count.
-//   dtheta, GAP:  a block reduces a slice of one (sample, window)'s pixels for
-//                 all r channels (256 / r pixel lanes x r channel lanes), its
-//                 k*k (or 1) partial sums per channel reduced through shared
-//                 memory, then added atomically to a float32 result, so maps of
-//                 any size (window 0 at 112 x 112) still fill the GPU.
-#include "dtf_dwconv.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+// them, so no NCHW transpose is made. Nothing is staged in shared memory for
+// the convolutions: neighbouring threads share their k x k source pixels
+// through the L1 / read-only cache.
+//   forward / dh: one thread per output element (pixel, channel), consecutive
+//                 threads on consecutive channels of a pixel, so every token
+//                 load and store of a warp is a contiguous run. The thread walks
+//                 the k x k taps (k is a template parameter, the loops unroll),
+//                 loading each tap of its (sample, window, channel) filter and
+//                 the matching source token through __ldg; a tap whose source
+//                 pixel falls outside the pixel's window is skipped (zero
+//                 padding at window borders). dh also adds the GAP's adjoint
+//                 d_pooled / count.
+//   dtheta, GAP:  a block reduces a slice of the rows of one (sample, window)
+//                 for all r channels (256 / r pixel lanes x r channel lanes),
+//                 each thread keeping its k*k (or 1) partial sums in
+//                 registers; the lanes of a channel are reduced through shared
+//                 memory, then added atomically to a float32 result, so maps
+//                 of any size (window 0 at 112 x 112) still fill the GPU.
+#include "dtf.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+
+#include "common.cuh"
 
 namespace fastdense {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+static_assert(kDtfMaxRank <= kThreads, "the reductions give every channel one of the block's threads");
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// 32-bit index math (valid() bounds every token tensor below 2^31 elements):
+// 32-bit index math (valid() bounds every token tensor by kDtfMaxTokenElements):
 // 64-bit division is a called subroutine with a stack frame on the GPU.
 struct Geo {
   int S, H, W, r, wh, ww, nh, nw;
@@ -69,8 +60,8 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const T* __restrict__ sr
     const int y = int(row % unsigned(g.H));
     const int s = int(row / unsigned(g.H));
     const int wy = y / g.wh, wx = x / g.ww;
-    const int y0 = wy * g.wh, y1 = min(y0 + g.wh, g.H);
-    const int x0 = wx * g.ww, x1 = min(x0 + g.ww, g.W);
+    const int y0 = window_begin(wy, g.wh), y1 = window_end(wy, g.wh, g.H);
+    const int x0 = window_begin(wx, g.ww), x1 = window_end(wx, g.ww, g.W);
     const int win = wy * g.nw + wx;
     const T* tw = theta + s * ts0 + win * ts1 + c * (K * K);
     const T* base = src + (size_t(s) * g.H * g.W) * g.r + c;
@@ -83,14 +74,15 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const T* __restrict__ sr
       for (int b = 0; b < K; ++b) {
         const int xx = x + SIGN * (b - P);
         if (xx < x0 || xx >= x1) continue;
-        acc += to_f(__ldg(tw + a * K + b)) * to_f(__ldg(base + unsigned(yy * g.W + xx) * unsigned(g.r)));
+        acc += Elem<T>::load(__ldg(tw + a * K + b)) *
+               Elem<T>::load(__ldg(base + unsigned(yy * g.W + xx) * unsigned(g.r)));
       }
     }
     if (d_pooled != nullptr) {
       const float count = float((y1 - y0) * (x1 - x0));
-      acc += to_f(d_pooled[unsigned(s * g.nh * g.nw + win) * unsigned(g.r) + c]) / count;
+      acc += Elem<T>::load(d_pooled[unsigned(s * g.nh * g.nw + win) * unsigned(g.r) + c]) / count;
     }
-    out[i] = from_f<T>(acc);
+    out[i] = Elem<T>::store(acc);
   }
 }
 
@@ -102,10 +94,10 @@ struct Slice {
 __device__ __forceinline__ Slice window_slice(const Geo& g, int win, int part, int parts) {
   Slice sl;
   const int wy = win / g.nw, wx = win % g.nw;
-  sl.y0 = wy * g.wh;
-  sl.y1 = min(sl.y0 + g.wh, g.H);
-  sl.x0 = wx * g.ww;
-  sl.x1 = min(sl.x0 + g.ww, g.W);
+  sl.y0 = window_begin(wy, g.wh);
+  sl.y1 = window_end(wy, g.wh, g.H);
+  sl.x0 = window_begin(wx, g.ww);
+  sl.x1 = window_end(wx, g.ww, g.W);
   const int rows = sl.y1 - sl.y0;
   sl.ys = sl.y0 + rows * part / parts;
   sl.ye = sl.y0 + rows * (part + 1) / parts;
@@ -136,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) dtheta_kernel(const T* __restrict__ 
     const T* hs = h + (size_t(s) * g.H * g.W) * g.r + c;
     for (int p = lane; p < count; p += lanes) {
       const int y = sl.ys + p / width, x = sl.x0 + p % width;
-      const float gv = to_f(gs[unsigned(y * g.W + x) * unsigned(g.r)]);
+      const float gv = Elem<T>::load(gs[unsigned(y * g.W + x) * unsigned(g.r)]);
 #pragma unroll
       for (int a = 0; a < K; ++a) {
         const int yy = y + a - P;
@@ -145,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) dtheta_kernel(const T* __restrict__ 
         for (int b = 0; b < K; ++b) {
           const int xx = x + b - P;
           if (row_ok && xx >= sl.x0 && xx < sl.x1)
-            acc[a * K + b] += gv * to_f(__ldg(hs + unsigned(yy * g.W + xx) * unsigned(g.r)));
+            acc[a * K + b] += gv * Elem<T>::load(__ldg(hs + unsigned(yy * g.W + xx) * unsigned(g.r)));
         }
       }
     }
@@ -182,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) gap_kernel(const T* __restrict__ h, 
     const T* hs = h + (size_t(s) * g.H * g.W) * g.r + c;
     for (int p = lane; p < count; p += lanes) {
       const int y = sl.ys + p / width, x = sl.x0 + p % width;
-      acc += to_f(hs[unsigned(y * g.W + x) * unsigned(g.r)]);
+      acc += Elem<T>::load(hs[unsigned(y * g.W + x) * unsigned(g.r)]);
     }
   }
   partial[threadIdx.x] = acc;
@@ -196,16 +188,25 @@ __global__ void __launch_bounds__(kThreads) gap_kernel(const T* __restrict__ h, 
 }
 
 // ---------------------------------------------------------------------------- launch helpers
+// Returns f(std::integral_constant<int, K>{}) for the instantiated kernel size K
+// equal to k (DtfKernelSizes); cudaErrorInvalidValue for any other k.
+template <typename F, int... Ks>
+cudaError_t with_kernel_size(int k, std::integer_sequence<int, Ks...>, F&& f) {
+  cudaError_t err = cudaErrorInvalidValue;
+  (void)((k == Ks && ((err = f(std::integral_constant<int, Ks>{})), true)) || ...);
+  return err;
+}
+
 int elementwise_blocks(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  const int64_t blocks = ceil_div(total, kThreads);
   return int(std::min<int64_t>(std::max<int64_t>(blocks, 1), 1 << 20));  // grid-stride loop covers the rest
 }
 
 // Slices per window so that the reduction grid has about 4 blocks per SM.
 int reduction_parts(const DtfGeometry& g, int sm_count) {
-  const int64_t windows = std::max<int64_t>(1, g.S * g.nh * g.nw);
-  const int64_t want = (4LL * std::max(sm_count, 1) + windows - 1) / windows;
-  return int(std::max<int64_t>(1, std::min<int64_t>(want, std::min<int64_t>(g.wh, 65535))));
+  const int64_t windows = std::max<int64_t>(1, g.S * g.n_windows());
+  const int64_t want = ceil_div(4LL * std::max(sm_count, 1), windows);
+  return int(std::max<int64_t>(1, std::min<int64_t>(want, std::min<int64_t>(g.wh, kMaxGridY))));
 }
 
 template <typename T, int SIGN>
@@ -219,13 +220,10 @@ cudaError_t launch_conv(const void* src, const void* theta, int64_t ts0, int64_t
   auto th = static_cast<const T*>(theta);
   auto dp = static_cast<const T*>(d_pooled);
   auto o = static_cast<T*>(out);
-  switch (k) {
-    case 3: conv_kernel<T, 3, SIGN><<<grid, kThreads, 0, stream>>>(s, th, ts0, ts1, dp, o, g); break;
-    case 5: conv_kernel<T, 5, SIGN><<<grid, kThreads, 0, stream>>>(s, th, ts0, ts1, dp, o, g); break;
-    case 7: conv_kernel<T, 7, SIGN><<<grid, kThreads, 0, stream>>>(s, th, ts0, ts1, dp, o, g); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_kernel_size(k, DtfKernelSizes{}, [&](auto kc) {
+    conv_kernel<T, decltype(kc)::value, SIGN><<<grid, kThreads, 0, stream>>>(s, th, ts0, ts1, dp, o, g);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -236,13 +234,10 @@ cudaError_t launch_dtheta(const void* grad, const void* h, float* dtheta, const 
   const dim3 grid(unsigned(g.S * g.nh * g.nw), unsigned(reduction_parts(dg, sm_count)));
   auto gr = static_cast<const T*>(grad);
   auto hh = static_cast<const T*>(h);
-  switch (k) {
-    case 3: dtheta_kernel<T, 3><<<grid, kThreads, 0, stream>>>(gr, hh, dtheta, g); break;
-    case 5: dtheta_kernel<T, 5><<<grid, kThreads, 0, stream>>>(gr, hh, dtheta, g); break;
-    case 7: dtheta_kernel<T, 7><<<grid, kThreads, 0, stream>>>(gr, hh, dtheta, g); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_kernel_size(k, DtfKernelSizes{}, [&](auto kc) {
+    dtheta_kernel<T, decltype(kc)::value><<<grid, kThreads, 0, stream>>>(gr, hh, dtheta, g);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -256,50 +251,48 @@ cudaError_t launch_gap(const void* h, float* pooled, const DtfGeometry& dg, int 
 
 bool valid(const DtfGeometry& g) {
   return g.r >= 1 && g.r <= kDtfMaxRank && g.wh >= 1 && g.ww >= 1 && g.S >= 0 &&
-         g.S * g.H * g.W * g.r < 0x7fffffffLL && g.S * g.nh * g.nw < 0x7fffffffLL;
+         g.S * g.H * g.W * g.r <= kDtfMaxTokenElements && g.S * g.n_windows() <= kMaxGridX;
 }
 
 }  // namespace
 
-bool dtf_supported_kernel_size(int k) { return k == 3 || k == 5 || k == 7; }
-
-#define FASTDENSE_DTF_DISPATCH(dtype, CALL)                        \
-  switch (dtype) {                                                 \
-    case DtfDtype::kFloat32: { using T = float; return CALL; }     \
-    case DtfDtype::kFloat16: { using T = __half; return CALL; }    \
-    case DtfDtype::kBFloat16: { using T = __nv_bfloat16; return CALL; } \
-  }                                                                \
-  return cudaErrorInvalidValue;
-
-cudaError_t dtf_dwconv_fwd(DtfDtype dtype, const void* h, const void* theta, int64_t theta_sample_stride,
+cudaError_t dtf_dwconv_fwd(Dtype dtype, const void* h, const void* theta, int64_t theta_sample_stride,
                            int64_t theta_window_stride, void* out, const DtfGeometry& g, int k,
                            cudaStream_t stream) {
   if (!valid(g)) return cudaErrorInvalidValue;
-  FASTDENSE_DTF_DISPATCH(dtype, (launch_conv<T, +1>(h, theta, theta_sample_stride, theta_window_stride, nullptr,
-                                                    out, g, k, stream)))
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_conv<T, +1>(h, theta, theta_sample_stride, theta_window_stride, nullptr, out, g, k, stream);
+  });
 }
 
-cudaError_t dtf_dwconv_dh(DtfDtype dtype, const void* grad, const void* theta, int64_t theta_sample_stride,
+cudaError_t dtf_dwconv_dh(Dtype dtype, const void* grad, const void* theta, int64_t theta_sample_stride,
                           int64_t theta_window_stride, const void* d_pooled, void* dh, const DtfGeometry& g,
                           int k, cudaStream_t stream) {
   if (!valid(g)) return cudaErrorInvalidValue;
-  FASTDENSE_DTF_DISPATCH(dtype, (launch_conv<T, -1>(grad, theta, theta_sample_stride, theta_window_stride,
-                                                    d_pooled, dh, g, k, stream)))
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_conv<T, -1>(grad, theta, theta_sample_stride, theta_window_stride, d_pooled, dh, g, k, stream);
+  });
 }
 
-cudaError_t dtf_dwconv_dtheta(DtfDtype dtype, const void* grad, const void* h, float* dtheta,
+cudaError_t dtf_dwconv_dtheta(Dtype dtype, const void* grad, const void* h, float* dtheta,
                               const DtfGeometry& g, int k, int sm_count, cudaStream_t stream) {
   if (!valid(g)) return cudaErrorInvalidValue;
-  FASTDENSE_DTF_DISPATCH(dtype, (launch_dtheta<T>(grad, h, dtheta, g, k, sm_count, stream)))
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_dtheta<T>(grad, h, dtheta, g, k, sm_count, stream);
+  });
 }
 
-cudaError_t dtf_gap(DtfDtype dtype, const void* h, float* pooled, const DtfGeometry& g, int sm_count,
+cudaError_t dtf_gap(Dtype dtype, const void* h, float* pooled, const DtfGeometry& g, int sm_count,
                     cudaStream_t stream) {
   if (!valid(g)) return cudaErrorInvalidValue;
-  FASTDENSE_DTF_DISPATCH(dtype, (launch_gap<T>(h, pooled, g, sm_count, stream)))
+  return with_element_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_gap<T>(h, pooled, g, sm_count, stream);
+  });
 }
-
-#undef FASTDENSE_DTF_DISPATCH
 
 }  // namespace cuda
 }  // namespace fastdense

@@ -1,10 +1,10 @@
 // CUDA kernels of fastdense::_mt_lora_fwd / _mt_lora_bwd (schemas in
-// csrc/ops.cpp, tensor contract and semantics in fastdense/ops/lora.py and
-// fastdense/ops/_lora_torch.py).
+// csrc/lora_schema.cpp, tensor contract and semantics in fastdense/ops/lora.py
+// and fastdense/ops/_lora_torch.py).
 //
-// The large GEMMs (base x W0^T + b, the shrink over the concatenated A's and
+// The large GEMMs (base = x W0^T + b, the shrink over the concatenated A's and
 // the backward's dx / dW / dA / dB) go to cuBLAS through ATen; the two kernels
-// of mt_lora.cu replace what would otherwise be G separate passes over (M, N)
+// of lora.cu replace what would otherwise be G separate passes over (M, N)
 // arrays: the grouped expand of the forward, and grad_base + dh in the
 // backward.
 #include <ATen/ATen.h>
@@ -19,7 +19,8 @@
 #include <tuple>
 #include <vector>
 
-#include "mt_lora.h"
+#include "bind_common.h"
+#include "lora.h"
 
 namespace {
 
@@ -30,17 +31,10 @@ constexpr const char* kOp = "fastdense mt_lora_linear (cuda): ";
 
 bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-fdc::MtLoraDtype kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return fdc::MtLoraDtype::kFloat32;
-    case at::kHalf:
-      return fdc::MtLoraDtype::kFloat16;
-    case at::kBFloat16:
-      return fdc::MtLoraDtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, kOp, "x must be float32, float16 or bfloat16, got ", t);
-  }
+fdc::Dtype kernel_dtype(at::ScalarType t) {
+  const std::optional<fdc::Dtype> d = fdc::element_dtype(t);
+  TORCH_CHECK(d.has_value(), kOp, "x must be float32, float16 or bfloat16, got ", t);
+  return *d;
 }
 
 void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
@@ -50,16 +44,9 @@ void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
               x.scalar_type(), "; all tensors must share one dtype");
 }
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int value = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
-  TORCH_CHECK(err == cudaSuccess, kOp, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
-  return value;
-}
+int device_attribute(cudaDeviceAttr attr, int device) { return fdc::device_attribute(attr, device, kOp); }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, kOp, what, " failed: ", cudaGetErrorString(err));
-}
+void check_launch(cudaError_t err, const char* what) { fdc::check_cuda(err, kOp, what); }
 
 // Sizes of one call, after every argument has been checked against them.
 struct Problem {
@@ -81,7 +68,7 @@ Problem check_problem(const Tensor& x, const Tensor& weight, const std::optional
               weight.sizes());
   check_like_x(weight, "weight", x);
   p.N = weight.size(0);
-  TORCH_CHECK(p.M <= INT32_MAX && p.N <= INT32_MAX, kOp, "M = ", p.M, " and N = ", p.N,
+  TORCH_CHECK(p.M <= fdc::kLoraMaxDim && p.N <= fdc::kLoraMaxDim, kOp, "M = ", p.M, " and N = ", p.N,
               " must each fit in int32 for the CUDA kernels");
   if (has(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.N, kOp, "bias must have shape (N=", p.N, ",), got ",
@@ -90,7 +77,7 @@ Problem check_problem(const Tensor& x, const Tensor& weight, const std::optional
   }
 
   p.G = static_cast<int64_t>(ranks.size());
-  TORCH_CHECK(p.G >= 1 && p.G <= fdc::kMtLoraMaxAdapters, kOp, "ranks must list 1 to ", fdc::kMtLoraMaxAdapters,
+  TORCH_CHECK(p.G >= 1 && p.G <= fdc::kLoraMaxAdapters, kOp, "ranks must list 1 to ", fdc::kLoraMaxAdapters,
               " adapters (shared first, then tasks), got ", p.G);
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == p.G, kOp, "scales must have one entry per adapter (", p.G,
               "), got ", scales.size());
@@ -101,9 +88,9 @@ Problem check_problem(const Tensor& x, const Tensor& weight, const std::optional
     p.R += r;
   }
   const int64_t padded = fdc::mt_lora_padded_rank(ranks.data(), static_cast<int>(p.G));
-  TORCH_CHECK(padded <= fdc::kMtLoraMaxPaddedRank, kOp, "sum(ranks) is too large for the CUDA kernels: with each ",
+  TORCH_CHECK(padded <= fdc::kLoraMaxPaddedRank, kOp, "sum(ranks) is too large for the CUDA kernels: with each ",
               "rank rounded up to a multiple of 4 it is ", padded, " (ranks ", ranks, "), the limit is ",
-              fdc::kMtLoraMaxPaddedRank, ". Use the triton or torch backend for larger ranks.");
+              fdc::kLoraMaxPaddedRank, ". Use the triton or torch backend for larger ranks.");
 
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(0) == p.R && lora_a.size(1) == p.K, kOp,
               "lora_a must have shape (sum(ranks)=", p.R, ", K=", p.K, "), got ", lora_a.sizes());

@@ -1,6 +1,6 @@
 // CPU kernels of fastdense::_skill_adapter_fwd / _skill_adapter_bwd, TDSS's
-// skill-gated transform for all T tasks (contract: fastdense/ops/skill_adapter.py,
-// algorithm: fastdense/ops/_skill_adapter_torch.py).
+// skill-gated transform for all T tasks (contract: fastdense/ops/skill_gated_transform.py,
+// algorithm: fastdense/ops/_skill_gated_transform_torch.py).
 //
 // Row-tiled: at::parallel_for hands each thread whole tiles of rows; a tile's
 // intermediates (h, the 2T softmax gates, γ/β, h_s and GELU(h_s) of every task)

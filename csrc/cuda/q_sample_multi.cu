@@ -1,49 +1,25 @@
 // q_sample_multi kernels: k noised copies of a latent batch in one pass, and
 // the backward to the latents and the noise. Raw CUDA only (no torch
-// headers); the ATen glue is q_sample_bind.cpp.
+// headers); the ATen glue is q_sample_multi_bind.cpp.
 //
-// The op is memory-bound, so a thread owns one 16-byte vector of columns of
-// one sample b and touches every element once: the forward loads z0[b] (and a
-// shared noise[b]) once and stores the k output vectors; the backward loads the
-// k gradient vectors once and keeps the sums in fp32 registers. Blocks tile
-// (columns, samples) as a 2-D grid, so no thread divides an index.
-#include "q_sample.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+// The op is memory-bound, so a thread owns one vector of columns of one
+// sample b (16 bytes when N and every pointer allow it, else one element) and
+// touches every element once: the forward loads z0[b] (and a shared noise[b])
+// once and stores the k output vectors; the backward loads the k gradient
+// vectors once and keeps the sums in fp32 registers. Blocks tile (columns,
+// samples) as a 2-D grid with grid-stride loops, so no thread divides an index.
+#include "q_sample_multi.h"
 
 #include <algorithm>
 #include <cstdint>
+
+#include "common.cuh"
 
 namespace fastdense {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridY = 65535;
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 // VEC consecutive elements moved as one access (16 bytes when VEC = 16 / sizeof(T)).
 template <typename T, int VEC>
@@ -170,7 +146,7 @@ bool can_vectorise(int64_t n, const void* a, const void* b, const void* c) {
 }
 
 dim3 grid_for(int64_t batch, int64_t vecs) {
-  const int64_t x = std::min<int64_t>(kMaxGridX, std::max<int64_t>(1, (vecs + kThreads - 1) / kThreads));
+  const int64_t x = std::min<int64_t>(kMaxGridX, std::max<int64_t>(1, ceil_div(vecs, kThreads)));
   const int64_t y = std::min<int64_t>(kMaxGridY, std::max<int64_t>(1, batch));
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y));
 }
@@ -213,48 +189,53 @@ cudaError_t launch_bwd(const void* grad, const int64_t* timesteps, const void* a
   return cudaGetLastError();
 }
 
-// Runs CALL(T, A) for the runtime element type T and schedule type A.
-#define FASTDENSE_QS_DISPATCH(dtype, schedule_dtype, CALL)                                       \
-  do {                                                                                           \
-    const bool f64_ = (schedule_dtype) == QSampleScheduleDtype::kFloat64;                        \
-    switch (dtype) {                                                                             \
-      case QSampleDtype::kFloat32:                                                               \
-        return f64_ ? CALL(float, double) : CALL(float, float);                                  \
-      case QSampleDtype::kFloat16:                                                               \
-        return f64_ ? CALL(__half, double) : CALL(__half, float);                                \
-      case QSampleDtype::kBFloat16:                                                              \
-        return f64_ ? CALL(__nv_bfloat16, double) : CALL(__nv_bfloat16, float);                  \
-    }                                                                                            \
-    return cudaErrorInvalidValue;                                                                \
-  } while (0)
+// Returns f(TypeTag<A>{}) for the schedule type A that dtype names (float,
+// double); cudaErrorInvalidValue for any other dtype.
+template <typename F>
+cudaError_t with_schedule_type(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      return f(TypeTag<float>{});
+    case Dtype::kFloat64:
+      return f(TypeTag<double>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace
 
-cudaError_t q_sample_multi_fwd(QSampleDtype dtype, QSampleScheduleDtype schedule_dtype, const void* z0,
-                               const void* noise, const int64_t* timesteps, const void* alphas_cumprod, void* out,
-                               int64_t batch, int64_t n, int64_t k, int64_t num_train, bool shared_noise,
-                               bool sample_major, cudaStream_t stream) {
+cudaError_t q_sample_multi_fwd(Dtype dtype, Dtype schedule_dtype, const void* z0, const void* noise,
+                               const int64_t* timesteps, const void* alphas_cumprod, void* out, int64_t batch,
+                               int64_t n, int64_t k, int64_t num_train, bool shared_noise, bool sample_major,
+                               cudaStream_t stream) {
   if (batch <= 0 || n <= 0 || k <= 0) return cudaSuccess;
-#define FASTDENSE_QS_FWD(T, A)                                                                              \
-  launch_fwd<T, A>(z0, noise, timesteps, alphas_cumprod, out, batch, n, k, num_train, shared_noise, sample_major, \
-                   stream)
-  FASTDENSE_QS_DISPATCH(dtype, schedule_dtype, FASTDENSE_QS_FWD);
-#undef FASTDENSE_QS_FWD
+  return with_element_type(dtype, [&](auto t) {
+    return with_schedule_type(schedule_dtype, [&](auto a) {
+      using T = typename decltype(t)::type;
+      using A = typename decltype(a)::type;
+      return launch_fwd<T, A>(z0, noise, timesteps, alphas_cumprod, out, batch, n, k, num_train, shared_noise,
+                              sample_major, stream);
+    });
+  });
 }
 
-cudaError_t q_sample_multi_bwd(QSampleDtype dtype, QSampleScheduleDtype schedule_dtype, const void* grad,
-                               const int64_t* timesteps, const void* alphas_cumprod, void* d_z0, void* d_noise,
-                               int64_t batch, int64_t n, int64_t k, int64_t num_train, bool shared_noise,
-                               bool sample_major, cudaStream_t stream) {
+cudaError_t q_sample_multi_bwd(Dtype dtype, Dtype schedule_dtype, const void* grad, const int64_t* timesteps,
+                               const void* alphas_cumprod, void* d_z0, void* d_noise, int64_t batch, int64_t n,
+                               int64_t k, int64_t num_train, bool shared_noise, bool sample_major,
+                               cudaStream_t stream) {
   // k = 0 still launches when a sum is asked for: the kernel writes its zeros.
   if (batch <= 0 || n <= 0 || (d_z0 == nullptr && d_noise == nullptr)) return cudaSuccess;
   if (k == 0 && !shared_noise) d_noise = nullptr;  // (0, B, N): nothing to write
   if (d_z0 == nullptr && d_noise == nullptr) return cudaSuccess;
-#define FASTDENSE_QS_BWD(T, A)                                                                            \
-  launch_bwd<T, A>(grad, timesteps, alphas_cumprod, d_z0, d_noise, batch, n, k, num_train, shared_noise,        \
-                   sample_major, stream)
-  FASTDENSE_QS_DISPATCH(dtype, schedule_dtype, FASTDENSE_QS_BWD);
-#undef FASTDENSE_QS_BWD
+  return with_element_type(dtype, [&](auto t) {
+    return with_schedule_type(schedule_dtype, [&](auto a) {
+      using T = typename decltype(t)::type;
+      using A = typename decltype(a)::type;
+      return launch_bwd<T, A>(grad, timesteps, alphas_cumprod, d_z0, d_noise, batch, n, k, num_train,
+                              shared_noise, sample_major, stream);
+    });
+  });
 }
 
 }  // namespace cuda

@@ -1,4 +1,4 @@
-// Row kernels of the CPU multi-task LoRA op (csrc/cpu/mt_lora.cpp).
+// Row kernels of the CPU multi-task LoRA op (csrc/cpu/lora.cpp).
 //
 // They do the memory-bound part of the op, which BLAS cannot fuse: writing the
 // G outputs from one base row, and reading the G output gradients once to sum

@@ -1,6 +1,6 @@
 // Schemas of the internal kernel ops of fastdense::q_sample_multi (tensor
-// contract in fastdense/ops/timesteps.py). CPU kernels: csrc/cpu/q_sample.cpp;
-// CUDA kernels: csrc/cuda/q_sample_bind.cpp.
+// contract in fastdense/ops/q_sample_multi.py). CPU kernels:
+// csrc/cpu/q_sample_multi.cpp; CUDA kernels: csrc/cuda/q_sample_multi_bind.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastdense, m) {
