@@ -14,7 +14,7 @@ import torch
 
 from fastdense import cli
 from fastdense.engine.checkpoint import save_checkpoint
-from fastdense.models import build_model
+from fastdense.models import create_model
 
 # The smallest train run there is; every train case below must fail before it starts.
 TRAIN = ["train", "--model", "tiny_mtl_small", "--tasks", "saliency", "--steps", "1", "--batch-size", "2",
@@ -42,7 +42,7 @@ def files(tmp_path_factory):
     # A training checkpoint whose run spec names a model for other tasks than its weights were trained on.
     spec = {"model": "tiny_mtl_small", "model_kwargs": {}, "tasks": ["semseg"],
             "data": {"dataset": "synthetic", "resolution": 64, "val_samples": 2, "val_seed": 1}}
-    save_checkpoint(paths["weights.pt"], model=build_model("tiny_mtl_small", ["saliency"]), step=1,
+    save_checkpoint(paths["weights.pt"], model=create_model("tiny_mtl_small", tasks=["saliency"]), step=1,
                     config={"spec": spec, "tasks": ["saliency"]})
     paths["a_file"].write_text("a file where a folder belongs\n")
     paths["folder"].mkdir()

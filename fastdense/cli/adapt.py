@@ -92,7 +92,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     from fastdense.engine.checkpoint import CheckpointError
     from fastdense.engine.fewshot import (SYNTHETIC_FOLDS, SYNTHETIC_TASKS, EpisodicConfig, EpisodicTrainer,
                                           synthetic_sampler)
-    from fastdense.models import build_model
+    from fastdense.models import create_model
 
     spec = None
     checks.check_options(vars(args), ADAPT_SCHEMA)
@@ -132,7 +132,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
         spec = {"model": "tiny_fewshot", "model_kwargs": {}, "tasks": list(SYNTHETIC_TASKS), "data": data}
     torch.manual_seed(data["seed"])
     try:
-        model = build_model(spec["model"], spec["tasks"], **spec.get("model_kwargs", {}))
+        model = create_model(spec["model"], tasks=spec["tasks"], **spec.get("model_kwargs", {}))
     except (ValueError, TypeError) as exc:  # a checkpoint's spec naming an unknown model or arguments
         raise UsageError(f"cannot build model {spec['model']!r}: {first_line(exc)}") from None
     cfg = EpisodicConfig(steps=args.meta_steps, warmup_steps=max(1, min(10, args.meta_steps // 10)),

@@ -1,4 +1,4 @@
-"""``fastdense eval``: the metrics of a training checkpoint on the synthetic validation scenes."""
+"""``fastdense eval``: the metrics of a training checkpoint on its validation data (and Δm on PASCAL-Context)."""
 from __future__ import annotations
 
 import argparse
@@ -15,14 +15,18 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per evaluation batch (default 16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--run-dir", help="if given, a prediction PNG is written there")
+    p.add_argument("--data-root", help="the data set's folder, if it moved since training (PASCAL-Context, NYUD)")
 
 
 EVAL_SCHEMA = {"checkpoint": checks.text, "val_samples": checks.optional(checks.positive),
                "batch_size": checks.positive, "device": checks.device,
-               "run_dir": checks.optional(checks.writable_dir)}
+               "run_dir": checks.optional(checks.writable_dir), "data_root": checks.optional(checks.text)}
 
-# What `fastdense train` stores under config.spec.data, as the checks of its own options.
-_DATA_SCHEMA = {"resolution": checks.resolution, "val_samples": checks.positive, "val_seed": checks.integer(0)}
+# What `fastdense train` stores under config.spec.data, as the checks of its own options
+# (the synthetic scenes also store their validation seed, the real data sets their folder).
+_DATA_SCHEMA = {"resolution": checks.resolution, "val_samples": checks.positive}
+_DATA_SCHEMA_OF = {"synthetic": {"val_seed": checks.integer(0)}, "pascal": {"data_root": checks.text},
+                   "nyud": {"data_root": checks.text}}
 
 
 def _training_spec(ckpt: dict, path: str) -> dict:
@@ -31,10 +35,15 @@ def _training_spec(ckpt: dict, path: str) -> dict:
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict):
         raise UsageError(f"{path} is not a fastdense training checkpoint: it has no run spec with data settings "
                          "(config.spec.data)")
-    missing = [k for k in ("model", "tasks") if k not in spec] + [k for k in _DATA_SCHEMA if k not in spec["data"]]
+    dataset = spec["data"].get("dataset", "synthetic")
+    if dataset not in _DATA_SCHEMA_OF:
+        raise UsageError(f"{path}: config.spec.data.dataset must be one of {', '.join(_DATA_SCHEMA_OF)}, "
+                         f"got {dataset!r}")
+    schema = {**_DATA_SCHEMA, **_DATA_SCHEMA_OF[dataset]}
+    missing = [k for k in ("model", "tasks") if k not in spec] + [k for k in schema if k not in spec["data"]]
     if missing:
         raise UsageError(f"{path} is not a fastdense training checkpoint: its run spec lacks {missing}")
-    checks.check_options(spec["data"], _DATA_SCHEMA, {k: f"{path}: config.spec.data.{k}" for k in _DATA_SCHEMA})
+    checks.check_options(spec["data"], schema, {k: f"{path}: config.spec.data.{k}" for k in schema})
     if not isinstance(spec["model"], str) or not isinstance(spec["tasks"], list) \
             or not isinstance(spec.get("model_kwargs", {}), dict):
         raise UsageError(f"{path} is not a fastdense training checkpoint: its run spec's model, tasks or "
@@ -43,14 +52,15 @@ def _training_spec(ckpt: dict, path: str) -> dict:
 
 
 def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 16, device: str = "auto",
-             run_dir: str | None = None) -> dict:
+             run_dir: str | None = None, data_root: str | None = None) -> dict:
+    from fastdense.cli._models import real_dataset
     from fastdense.data import SyntheticScenes
     from fastdense.engine import MultiTaskTrainer, TrainConfig, load_checkpoint, restore
     from fastdense.engine.checkpoint import CheckpointError
-    from fastdense.models import build_model
+    from fastdense.models import create_model
 
     checks.check_options({"checkpoint": checkpoint, "val_samples": val_samples, "batch_size": batch_size,
-                          "device": device, "run_dir": run_dir}, EVAL_SCHEMA)
+                          "device": device, "run_dir": run_dir, "data_root": data_root}, EVAL_SCHEMA)
     require_file(checkpoint, "checkpoint")
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -59,7 +69,7 @@ def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 
     spec = _training_spec(ckpt, checkpoint)
     tasks = list(spec["tasks"])
     try:
-        model = build_model(spec["model"], tasks, **spec.get("model_kwargs", {}))
+        model = create_model(spec["model"], tasks=tasks, **spec.get("model_kwargs", {}))
     except (ValueError, TypeError) as exc:  # unknown model or task, or arguments the model does not take
         raise UsageError(f"{checkpoint}: cannot build model {spec['model']!r} of its run spec: "
                          f"{first_line(exc)}") from None
@@ -68,22 +78,47 @@ def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 
     except CheckpointError as exc:  # the weights are another model's
         raise UsageError(f"{checkpoint}: {exc} (model {spec['model']!r}, tasks {tasks} of its run spec)") from None
     data = spec["data"]
-    n = val_samples if val_samples is not None else data["val_samples"]
-    val_set = SyntheticScenes(n, data["resolution"], seed=data["val_seed"], tasks=tasks)
+    dataset = data.get("dataset", "synthetic")
+    if dataset == "synthetic":
+        n = val_samples if val_samples is not None else data["val_samples"]
+        val_set = SyntheticScenes(n, data["resolution"], seed=data["val_seed"], tasks=tasks)
+    else:
+        val_set = real_dataset(dataset, data_root or data["data_root"], "val", tasks, data["resolution"])
+        if val_samples is not None:
+            from torch.utils.data import Subset
+
+            val_set = Subset(val_set, range(min(val_samples, len(val_set))))
     cfg = TrainConfig(steps=max(1, ckpt["step"]), batch_size=batch_size, progress=False)
     evaluator = MultiTaskTrainer(model, tasks, val_set, val_set, config=cfg, run_dir=run_dir,
-                                 device=pick_device(device), run_spec=spec)
+                                 device=pick_device(device), run_spec=spec, dataset=dataset)
     evaluator.step = ckpt["step"]
     return evaluator.evaluate()
 
 
-@command("eval", "evaluate a training checkpoint on the synthetic validation scenes and print the metrics",
+def pascal_delta_m(metrics: dict) -> float | None:
+    """Δm (%) against the single-task Swin-T baselines of the MTLoRA/TADFormer tables, when the
+    run has PASCAL-Context's four tasks (docs/papers.md, 'Single-task baselines and delta-m')."""
+    from fastdense.metrics.multitask import PASCAL_LOWER_IS_BETTER, PASCAL_SWIN_T_SINGLE_TASK, delta_m
+
+    names = {"semseg": ("semseg", "miou", 100.0), "human_parts": ("parts", "miou", 100.0),
+             "sal": ("sal", "miou", 100.0), "normals": ("normals", "mean", 1.0)}
+    if not all(t in metrics for t in names):
+        return None
+    multi = {key: metrics[t][metric] * scale for t, (key, metric, scale) in names.items()}
+    return delta_m(multi, PASCAL_SWIN_T_SINGLE_TASK, PASCAL_LOWER_IS_BETTER)
+
+
+@command("eval", "evaluate a training checkpoint on its validation data and print the metrics (+ Δm on PASCAL)",
          arguments=_eval_arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
-        metrics = run_eval(args.checkpoint, args.val_samples, args.batch_size, args.device, args.run_dir)
+        metrics = run_eval(args.checkpoint, args.val_samples, args.batch_size, args.device, args.run_dir,
+                           args.data_root)
     except UsageError as exc:
         return usage_error("eval", exc)
     print(f"checkpoint: {args.checkpoint}")
     print(format_metrics_table(metrics))
+    dm = pascal_delta_m(metrics)
+    if dm is not None:
+        print(f"delta_m vs the single-task Swin-T baselines: {dm:+.2f}%")
     return 0

@@ -125,6 +125,14 @@ def print_info(out: TextIO = sys.stdout) -> None:
         if forced and forced != "auto":
             print(f"    forced   FASTDENSE_BACKEND={forced} overrides automatic dispatch", file=out)
 
+    from fastdense.models import KINDS, list_models
+
+    print("", file=out)
+    print("models (fastdense.models.create_model; `train --model` takes multitask, `adapt --model` fewshot)",
+          file=out)
+    for kind in KINDS:
+        print(f"  {kind:<10} {', '.join(list_models(kind=kind)) or '-'}", file=out)
+
 
 @command("info", "print versions, what fastdense._C was built with, and each op's backends")
 def cmd_info(args: argparse.Namespace) -> int:

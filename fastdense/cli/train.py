@@ -1,4 +1,4 @@
-"""``fastdense train``: train a multi-task model on the synthetic scenes."""
+"""``fastdense train``: train a registered multi-task model on the synthetic scenes, PASCAL-Context or NYUD."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +10,16 @@ from fastdense.cli._common import UsageError, first_line, pick_device, require_f
 from fastdense.cli._config import load_config_file
 from fastdense.cli._main import command
 from fastdense.cli._metrics_table import format_metrics_table
+from fastdense.cli._models import DATASETS, DEFAULT_TASKS
 
-ALL_TRAIN_TASKS = ("semseg", "normal", "depth_euclidean", "saliency")
+ALL_TRAIN_TASKS = DEFAULT_TASKS["synthetic"]
 
 # Defaults of `train`; the flags default to None so that a value from --config is only
 # overridden by a flag the user actually gave (defaults < config file < command line).
+# tasks None: the data set's default tasks (fastdense.cli._models.DEFAULT_TASKS).
 TRAIN_DEFAULTS = {
-    "model": "tiny_mtl", "tasks": ",".join(ALL_TRAIN_TASKS), "steps": 300, "batch_size": 16, "resolution": 64,
+    "model": "tiny_mtl", "tasks": None, "data": "synthetic", "data_root": None, "pretrained": None,
+    "model_args": None, "steps": 300, "batch_size": 16, "resolution": 64,
     "lr": 3e-3, "weight_decay": 0.01, "warmup_steps": 20, "grad_accum": 1, "clip_grad": 1.0, "eval_every": 0,
     "log_every": 10, "save_every": 0, "train_samples": 512, "val_samples": 64, "seed": 0,
     "run_dir": "runs/train", "resume": None, "device": "auto", "threads": 0, "progress": True,
@@ -28,8 +31,16 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="JSON (or YAML, if PyYAML is installed) file of options; keys are the flag names "
                         "(with - or _); flags given on the command line override it")
-    p.add_argument("--model", help=f"model name (default {d['model']})")
-    p.add_argument("--tasks", help=f"comma-separated tasks (default {d['tasks']})")
+    p.add_argument("--model", help=f"a registered multi-task model, e.g. tiny_mtl, mtlora_swin_t, tadformer_swin_t, "
+                                   f"tdss_swin_t (default {d['model']}; `fastdense info` lists them)")
+    p.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of the model's constructor, e.g. shared_rank=32 (repeatable)")
+    p.add_argument("--data", choices=DATASETS, help="synthetic scenes (default), PASCAL-Context or NYUD-v2")
+    p.add_argument("--data-root", help="folder of the PASCAL-Context (PASCAL_MT) or NYUD (NYUD_MT) data")
+    p.add_argument("--pretrained", metavar="FILE", help="backbone weights (safetensors or torch file, e.g. "
+                                                        "timm's swin_tiny_patch4_window7_224) for the Swin models")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the data set's: "
+                                   + "; ".join(f"{k}: {','.join(v)}" for k, v in DEFAULT_TASKS.items()) + ")")
     p.add_argument("--steps", type=int, help=f"optimiser steps in total (default {d['steps']})")
     p.add_argument("--batch-size", type=int, help=f"images per optimiser step (default {d['batch_size']})")
     p.add_argument("--resolution", type=int, help=f"image side, multiple of 4 in [64, 448] (default {d['resolution']})")
@@ -56,7 +67,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 # What each option must be (fastdense.cli._options); checked on the merged options, so a
 # value from --config gets the same checks as a flag's and its message names the file.
 TRAIN_SCHEMA = {
-    "model": checks.text, "tasks": checks.name_list, "steps": checks.positive, "batch_size": checks.positive,
+    "model": checks.text, "tasks": checks.optional(checks.name_list), "data": checks.choice(*DATASETS),
+    "data_root": checks.optional(checks.text), "pretrained": checks.optional(checks.text),
+    "steps": checks.positive, "batch_size": checks.positive,
     "resolution": checks.resolution, "lr": checks.number(above=0), "weight_decay": checks.number(0),
     "warmup_steps": checks.non_negative, "grad_accum": checks.positive,
     "clip_grad": checks.optional(checks.number(0)), "eval_every": checks.non_negative,
@@ -78,6 +91,11 @@ def train_options(args: argparse.Namespace) -> dict:
     for key in TRAIN_DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:
+            if key == "model_args":  # --model-arg adds to (and overrides keys of) the config file's
+                from fastdense.cli._models import parse_model_args
+
+                where = sources.get(key, "model_args")
+                value = {**parse_model_args(opts.get(key), where), **parse_model_args(value)}
             opts[key] = value
             sources.pop(key, None)
     return checks.check_options(opts, TRAIN_SCHEMA, sources)
@@ -87,18 +105,25 @@ def _check_run_setup(opts: dict) -> tuple[dict, list]:
     """Validate options, model, tasks and paths before any work; returns the checked options
     and the task list. (Options from :func:`train_options` are checked already; callers of
     :func:`run_train` that build the dict themselves get the same checks here.)"""
-    from fastdense.models import MODELS, check_tasks
+    from fastdense.cli._models import check_model, parse_model_args
+    from fastdense.engine.tasks import TASKS
 
+    opts = dict(TRAIN_DEFAULTS, **opts)
     opts = checks.check_options(opts, TRAIN_SCHEMA)
-    if opts["model"] not in MODELS:
-        raise UsageError(f"unknown model {opts['model']!r}; valid models: {', '.join(sorted(MODELS))}")
-    try:
-        tasks = check_tasks(opts["tasks"])
-    except ValueError as exc:
-        raise UsageError(str(exc))
-    unsupported = [t for t in tasks if t not in ALL_TRAIN_TASKS]
+    check_model(opts["model"])
+    opts["model_args"] = parse_model_args(opts["model_args"])
+    data = opts["data"]
+    given = opts["tasks"]  # name_list keeps the flag's comma-separated form
+    tasks = [t.strip() for t in given.split(",") if t.strip()] if given else list(DEFAULT_TASKS[data])
+    if len(set(tasks)) != len(tasks) or not tasks:
+        raise UsageError(f"--tasks must name each task once, got {tasks}")
+    unsupported = [t for t in tasks if t not in TASKS[data]]
     if unsupported:
-        raise UsageError(f"task(s) {unsupported} cannot be trained; supported: {', '.join(ALL_TRAIN_TASKS)}")
+        raise UsageError(f"unknown task(s) {unsupported} for --data {data}; its tasks: {', '.join(TASKS[data])}")
+    if data != "synthetic" and not opts["data_root"]:
+        raise UsageError(f"--data {data} needs --data-root DIR (the data set's folder)")
+    if opts["pretrained"]:
+        require_file(opts["pretrained"], "pretrained weights")
     if opts["resume"]:
         require_file(opts["resume"], "checkpoint to resume")
     return opts, tasks
@@ -109,11 +134,11 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
     out = out if out is not None else sys.stdout  # looked up per call: tests and callers redirect sys.stdout
     import torch
 
-    from fastdense.data import SyntheticScenes
+    from fastdense.cli._models import build_datasets, build_model, model_kwargs
     from fastdense.engine import MultiTaskTrainer, TrainConfig
     from fastdense.engine import distributed as fd_dist
     from fastdense.engine.checkpoint import CheckpointError
-    from fastdense.models import build_model
+    from fastdense.engine.losses import MTLORA_LOSS_WEIGHTS
 
     opts, tasks = _check_run_setup(opts)
     device = pick_device(opts["device"])
@@ -123,22 +148,26 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
     if device.type == "cuda" and fd_dist.is_distributed():
         device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(opts["seed"])
-    model = build_model(opts["model"], tasks)
-    # Validation scenes come from another seed, so they are scenes the model never trained on.
-    train_set = SyntheticScenes(opts["train_samples"], opts["resolution"], seed=opts["seed"], tasks=tasks)
-    val_seed = opts["seed"] + 1_000_003
-    val_set = SyntheticScenes(opts["val_samples"], opts["resolution"], seed=val_seed, tasks=tasks)
+    kwargs = model_kwargs(opts["model"], dataset=opts["data"], resolution=opts["resolution"],
+                          pretrained=opts["pretrained"], model_args=opts["model_args"])
+    model = build_model(opts["model"], tasks, kwargs)
+    train_set, val_set, data_spec = build_datasets(
+        opts["data"], tasks, resolution=opts["resolution"], data_root=opts["data_root"],
+        train_samples=opts["train_samples"], val_samples=opts["val_samples"], seed=opts["seed"])
+    # The papers' task weights on their data sets (MTLoRA's, which TADFormer and TDSS reuse).
+    loss_weights = None if opts["data"] == "synthetic" else {t: MTLORA_LOSS_WEIGHTS[t] for t in tasks
+                                                             if t in MTLORA_LOSS_WEIGHTS}
     cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"],
                       weight_decay=opts["weight_decay"], warmup_steps=opts["warmup_steps"],
                       grad_accum=opts["grad_accum"], clip_grad=opts["clip_grad"] or None,
                       eval_every=opts["eval_every"], log_every=opts["log_every"], save_every=opts["save_every"],
                       seed=opts["seed"], progress=bool(opts["progress"]))
-    spec = {"model": opts["model"], "model_kwargs": {}, "tasks": tasks,
-            "data": {"dataset": "synthetic", "resolution": opts["resolution"], "val_samples": opts["val_samples"],
-                     "val_seed": val_seed}}
+    # The checkpoint holds every weight: eval rebuilds the model without the pretrained file.
+    spec = {"model": opts["model"], "model_kwargs": {k: v for k, v in kwargs.items() if k != "pretrained"},
+            "tasks": tasks, "data": data_spec}
     try:
-        trainer = MultiTaskTrainer(model, tasks, train_set, val_set, config=cfg, run_dir=opts["run_dir"],
-                                   device=device, run_spec=spec)
+        trainer = MultiTaskTrainer(model, tasks, train_set, val_set, config=cfg, loss_weights=loss_weights,
+                                   run_dir=opts["run_dir"], device=device, run_spec=spec, dataset=opts["data"])
     except ValueError as exc:
         raise UsageError(str(exc))
     if opts["resume"]:
@@ -159,7 +188,8 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
             "is_main": is_main}
 
 
-@command("train", "train a multi-task model on the synthetic scenes (checkpoint, log.jsonl, PNGs in --run-dir)",
+@command("train", "train a multi-task model (synthetic scenes, PASCAL-Context, NYUD; checkpoint, log.jsonl, PNGs "
+                  "in --run-dir)",
          arguments=_train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     try:

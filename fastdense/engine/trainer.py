@@ -29,6 +29,7 @@ from fastdense._progress import ProgressBar
 from fastdense.engine import checkpoint as ckpt_mod
 from fastdense.engine import distributed as fd_dist
 from fastdense.engine import losses as L
+from fastdense.engine.tasks import dataset_of, task_spec
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -206,11 +207,15 @@ class MultiTaskTrainer:
     trains on its slice of every global batch and only rank 0 writes files.
     ``run_spec`` (primitives: model name and arguments, data set settings) is
     stored in checkpoints so that ``fastdense eval`` can rebuild model and data.
+    ``dataset`` ("synthetic", "pascal", "nyud"; None: the first that has every
+    task) picks each task's loss, prediction and metric from
+    :data:`fastdense.engine.tasks.TASKS`.
     """
 
     def __init__(self, model: nn.Module, tasks: Sequence[str], train_set: Dataset, val_set: Optional[Dataset] = None,
                  *, config: Optional[TrainConfig] = None, loss_weights: Optional[Mapping[str, float]] = None,
-                 run_dir=None, device=None, run_spec: Optional[Dict[str, Any]] = None) -> None:
+                 run_dir=None, device=None, run_spec: Optional[Dict[str, Any]] = None,
+                 dataset: Optional[str] = None) -> None:
         self.cfg = config or TrainConfig()
         if self.cfg.steps < 1:
             raise ValueError("steps must be >= 1")
@@ -218,6 +223,9 @@ class MultiTaskTrainer:
             raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by grad_accum "
                              f"{self.cfg.grad_accum} x world size {fd_dist.world_size()}")
         self.tasks = list(tasks)
+        self.dataset = dataset if dataset is not None else dataset_of(self.tasks)
+        for t in self.tasks:
+            task_spec(t, self.dataset)  # a task the data set does not have fails here, not mid-training
         unknown = [t for t in (loss_weights or {}) if t not in self.tasks]
         if unknown:
             raise ValueError(f"loss_weights name task(s) {unknown} that are not trained ({self.tasks})")
@@ -236,7 +244,10 @@ class MultiTaskTrainer:
         if fd_dist.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # A model whose trainable parameters are not all used in every step (TADFormer's
+            # prompt norms of the non-final blocks) says so; DDP must then look for them.
+            self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                 find_unused_parameters=bool(getattr(model, "ddp_find_unused_parameters", False)))
         self.last_eval: Dict[str, Dict[str, float]] = {}
         self._keys = ["image", *self.tasks]
 
@@ -298,7 +309,7 @@ class MultiTaskTrainer:
             with sync:
                 with self._autocast():
                     outputs = self.ddp_model(batch["image"])
-                losses = L.task_losses(outputs, batch)
+                losses = L.task_losses(outputs, batch, self.dataset)
                 loss = L.total_loss(losses, self.loss_weights) / cfg.grad_accum
                 loss.backward()
             total += float(loss.detach())
@@ -355,7 +366,7 @@ class MultiTaskTrainer:
         if dataset is None:
             raise ValueError("no dataset to evaluate on")
         self.model.eval()
-        metrics = {t: L.make_metric(t) for t in self.tasks}
+        metrics = {t: L.make_metric(t, self.dataset) for t in self.tasks}
         bs = batch_size or max(1, self.cfg.batch_size)
         indices = fd_dist.shard(range(len(dataset)))
         first = None
@@ -363,13 +374,13 @@ class MultiTaskTrainer:
             batch = self._batch(indices[s:s + bs], dataset)
             with self._autocast():
                 outputs = self.model(batch["image"])
-            preds = {t: L.predict(t, outputs[t]) for t in self.tasks}
+            preds = {t: L.predict(t, outputs[t], self.dataset) for t in self.tasks}
             for t in self.tasks:
                 metrics[t].update(preds[t], batch[t])
             if first is None:
                 first = (batch, preds)
         fd_dist.sync_metrics(metrics.values())
-        result = {t: L.summarize(t, m.compute()) for t, m in metrics.items()}
+        result = {t: L.summarize(t, m.compute(), self.dataset) for t, m in metrics.items()}
         self.last_eval = result
         self._log({"step": self.step, "eval": result})
         if save_png and first is not None and self.run_dir is not None and self.is_main:
@@ -380,24 +391,27 @@ class MultiTaskTrainer:
 
 # ----------------------------------------------------------------------------- trivial baseline
 @torch.no_grad()
-def constant_baseline(train_set: Dataset, tasks: Sequence[str], num_samples: int = 64) -> Dict[str, torch.Tensor]:
-    """The best input-independent prediction per task, from the first ``num_samples`` training items:
-    the majority class (semseg), the mean unit normal, the mean depth and the mean saliency
-    (all over valid pixels)."""
+def constant_baseline(train_set: Dataset, tasks: Sequence[str], num_samples: int = 64,
+                      dataset: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The best input-independent prediction per task, from the first ``num_samples`` training items
+    (over valid pixels): the majority class (class maps), the mean unit normal, the mean depth, the
+    mean probability (saliency, edges). ``dataset`` as in :class:`MultiTaskTrainer`."""
+    dataset = dataset if dataset is not None else dataset_of(tasks)
     n = min(num_samples, len(train_set))
     items = [train_set[i] for i in range(n)]
     const: Dict[str, torch.Tensor] = {}
     for t in tasks:
+        kind = task_spec(t, dataset).prediction
         y = torch.stack([it[t] for it in items])
-        if t == "semseg":
+        if kind == "argmax":
             y = y[y != L.IGNORE_INDEX]
             const[t] = torch.bincount(y.flatten()).argmax()
-        elif t == "normal":
-            v = y.permute(1, 0, 2, 3).reshape(3, -1)
-            v = v[:, v.norm(dim=0) > 0]
+        elif kind == "unit":
+            v = y.transpose(0, 1).reshape(y.shape[1], -1).float()
+            v = v[:, (v.norm(dim=0) > 0) & (v != L.IGNORE_INDEX).all(dim=0)]
             const[t] = torch.nn.functional.normalize(v.mean(1), dim=0)
-        elif t == "depth_euclidean":
-            const[t] = y[y > 0].mean()
+        elif kind in ("clamp0", "identity"):
+            const[t] = y[y > 0].float().mean()  # depth: 0 marks a pixel without a measurement
         else:
             const[t] = y[y != L.IGNORE_INDEX].float().mean()
     return const
@@ -405,21 +419,24 @@ def constant_baseline(train_set: Dataset, tasks: Sequence[str], num_samples: int
 
 @torch.no_grad()
 def evaluate_constant(const: Mapping[str, torch.Tensor], dataset: Dataset, tasks: Sequence[str],
-                      batch_size: int = 16) -> Dict[str, Dict[str, float]]:
-    """Metrics of predicting ``const`` everywhere on ``dataset``."""
-    metrics = {t: L.make_metric(t) for t in tasks}
+                      batch_size: int = 16, dataset_name: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """Metrics of predicting ``const`` everywhere on ``dataset`` (``dataset_name`` as in
+    :class:`MultiTaskTrainer`)."""
+    name = dataset_name if dataset_name is not None else dataset_of(tasks)
+    metrics = {t: L.make_metric(t, name) for t in tasks}
     for s in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(s, min(len(dataset), s + batch_size))], list(tasks))
         for t in tasks:
             y = batch[t]
-            if t == "semseg":
+            kind = task_spec(t, name).prediction
+            if kind == "argmax":
                 pred = torch.full_like(y, int(const[t]))
-            elif t == "normal":
-                pred = const[t].view(1, 3, 1, 1).expand_as(y).contiguous()
+            elif kind == "unit":
+                pred = const[t].view(1, -1, 1, 1).expand(y.shape[0], -1, *y.shape[2:]).contiguous()
             else:
-                pred = torch.full_like(y, float(const[t]))
+                pred = torch.full(y.shape, float(const[t]), dtype=torch.float32)
             metrics[t].update(pred, y)
-    return {t: L.summarize(t, m.compute()) for t, m in metrics.items()}
+    return {t: L.summarize(t, m.compute(), name) for t, m in metrics.items()}
 
 
 def beats(result: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]) -> Dict[str, bool]:

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdense.models._tasks import validate_tasks
+from fastdense.models.registry import register_model
 from fastdense.nn import LoRALinear, lora_parameters
 
 #: Channels of the labels of the synthetic scenes' single- and few-channel tasks.
@@ -181,6 +182,7 @@ class TinyFewShot(nn.Module):
         return y[:, :FEWSHOT_TASK_CHANNELS[task]]
 
 
-FEWSHOT_MODELS = {
-    "tiny_fewshot": TinyFewShot,
-}
+@register_model(kind="fewshot")
+def tiny_fewshot(tasks: Sequence[str] = FEWSHOT_TASKS, **kwargs) -> TinyFewShot:
+    """The tiny episodic few-shot model the demo and the tests adapt."""
+    return TinyFewShot(check_fewshot_tasks(tasks), **kwargs)

@@ -15,13 +15,14 @@ learn.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdense.models._tasks import validate_tasks
+from fastdense.models.registry import register_model
 from fastdense.nn import LoRALinear, MultiTaskLoRALinear
 
 # Output channels of each supported task; semseg has one logit per class of
@@ -114,14 +115,13 @@ class TinyMTL(nn.Module):
         return {t: self.heads[t](self.norm(feats[t]).permute(0, 3, 1, 2)) for t in self.tasks}
 
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
-    "tiny_mtl": TinyMTL,
-    "tiny_mtl_small": lambda tasks, **kw: TinyMTL(tasks, **{"dim": 32, "depth": 2, **kw}),
-}
+@register_model(kind="multitask")
+def tiny_mtl(tasks: Sequence[str] = SUPPORTED_TASKS, **kwargs) -> TinyMTL:
+    """The demo's network (dim 48, 3 blocks) for the synthetic scenes' tasks."""
+    return TinyMTL(tasks, **kwargs)
 
 
-def build_model(name: str, tasks: Sequence[str], **kwargs) -> nn.Module:
-    """Build the registered model ``name`` for ``tasks``; unknown names raise ValueError."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](check_tasks(tasks), **kwargs)
+@register_model(kind="multitask")
+def tiny_mtl_small(tasks: Sequence[str] = SUPPORTED_TASKS, **kwargs) -> TinyMTL:
+    """A smaller TinyMTL (dim 32, 2 blocks) for quick tests."""
+    return TinyMTL(tasks, **{"dim": 32, "depth": 2, **kwargs})

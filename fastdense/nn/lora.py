@@ -17,7 +17,10 @@ output per task:
     h_t = x W0ᵀ + b + s_t · u_t A_tᵀ B_tᵀ          ('matrix')           (3)
     h_t = h_0        + s_t · u_t A_tᵀ B_tᵀ          ('matrixv2')         (4)
 
-where u_t is the task's own input ``x_tasks[t]`` when given, else u.
+where u_t is the task's own input ``x_tasks[t]`` when given, else u. The
+released code's third mode, 'addition', has no shared adapter:
+
+    h_0 = x W0ᵀ + b + LayerNorm(Σ_t h_t),  h_t as in (3)               (5)
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from fastdense.ops import lora_linear, mt_lora_linear
 
 __all__ = ["LoRALinear", "MultiTaskLoRALinear"]
 
-SHARED_MODES = ("matrix", "matrixv2")
+SHARED_MODES = ("matrix", "matrixv2", "addition")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -366,13 +369,26 @@ def _per_task(value, tasks: Sequence[str], what: str, check) -> dict[str, object
     return {t: check(value, what) for t in tasks}
 
 
+def _scale_parameter(value: float, like: torch.Tensor) -> nn.Parameter:
+    # MTLoRA stores a trainable scale as a one-element float32 tensor; the same shape lets
+    # its checkpoints load without reshaping.
+    return nn.Parameter(torch.full((1,), value, dtype=torch.float32, device=like.device))
+
+
 class MultiTaskLoRALinear(_FrozenBase):
-    """MTLoRA's task-agnostic + task-specific LoRA linear (Eqs. 2-4), fused.
+    """MTLoRA's task-agnostic + task-specific LoRA linear (Eqs. 2-5), fused.
 
     ``forward(x, x_tasks=None)`` returns ``(h_0, {task: h_t})`` exactly like
     MTLoRA's ``MTLoRALinear``: h_0 is the shared output (Eq. 2); h_t adds task
     t's LoRA to the pretrained output alone ('matrix', Eq. 3) or to h_0
-    ('matrixv2', Eq. 4). Scales are used as given (MTLoRA's
+    ('matrixv2', Eq. 4). In 'addition' mode the layer has no shared LoRA and
+    the shared output is built from the task outputs (Eq. 5)::
+
+        h_0 = x W0ᵀ + b + LayerNorm(Σ_t h_t),   h_t as in Eq. 3            (5)
+
+    (the released code's ``lora_norm``; note that every h_t already contains
+    the pretrained output). Without tasks, 'addition' falls back to 'matrix',
+    as in the released layer. Scales are used as given (MTLoRA's
     ``lora_shared_scale``/``lora_task_scale``), not divided by the rank.
 
     Dropout is applied once to x and feeds the shared LoRA and every task
@@ -380,46 +396,65 @@ class MultiTaskLoRALinear(_FrozenBase):
     as in MTLoRA. All 1+T outputs come from one ``fastdense.ops.mt_lora_linear``
     call: the A's and B's are concatenated on every forward (they are small),
     so autograd routes each slice of the concatenated gradient back to its
-    adapter's Parameters.
+    adapter's Parameters. :meth:`forward_stacked` returns the op's stacked
+    (1+T, ..., N) output without splitting it.
+
+    Trainable scales (``trainable_shared_scale`` / ``trainable_task_scale``,
+    MTLoRA's ``trainable_scale_shared`` / ``trainable_scale_per_task``) are
+    one-element Parameters ``lora_shared_scale`` and ``lora_task_scale[t]``.
+    The fused op takes its scales as Python floats, so a trainable scale is
+    folded into its adapter's B inside the graph (s·u Aᵀ Bᵀ = u Aᵀ (s B)ᵀ) and
+    the op runs with scale 1: autograd then carries the gradient to s.
 
     Parameter names follow MTLoRA (``lora_shared_A``, ``lora_shared_B``,
-    ``lora_tasks_A[t]``, ``lora_tasks_B[t]``) and MTLoRA's ``linear.weight`` /
-    ``linear.bias`` checkpoint keys are read into ``weight`` / ``bias``, so
-    MTLoRA checkpoints load. With ``tasks`` empty or None the layer is a
-    shared-only LoRA returning ``(h_0, None)``. Unlike MTLoRA, ``x_tasks`` may
-    name a subset of the tasks; the others read the dropped-out x.
+    ``lora_tasks_A[t]``, ``lora_tasks_B[t]``, ``lora_norm``,
+    ``lora_shared_scale``, ``lora_task_scale[t]``) and MTLoRA's
+    ``linear.weight`` / ``linear.bias`` checkpoint keys are read into
+    ``weight`` / ``bias``, so MTLoRA checkpoints load. With ``tasks`` empty or
+    None the layer is a shared-only LoRA returning ``(h_0, None)``. Unlike
+    MTLoRA, ``x_tasks`` may name a subset of the tasks; the others read the
+    dropped-out x.
     """
 
     def __init__(self, in_features: int, out_features: int, tasks: Sequence[str] | None = None,
                  shared_rank: int = 64, task_ranks: int | Mapping[str, int] = 4, shared_scale: float = 4.0,
                  task_scale: float | Mapping[str, float] = 4.0, dropout: float = 0.05,
-                 shared_mode: str = "matrix", bias: bool = True, *, device=None, dtype=None) -> None:
+                 shared_mode: str = "matrix", bias: bool = True, *, trainable_shared_scale: bool = False,
+                 trainable_task_scale: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self._new_base(in_features, out_features, bias, device, dtype)
-        self._init_lora(tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode)
+        self._init_lora(tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode,
+                        trainable_shared_scale, trainable_task_scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tasks: Sequence[str] | None = None, shared_rank: int = 64,
                     task_ranks: int | Mapping[str, int] = 4, shared_scale: float = 4.0,
                     task_scale: float | Mapping[str, float] = 4.0, dropout: float = 0.05,
-                    shared_mode: str = "matrix", *, freeze_base: bool = True) -> "MultiTaskLoRALinear":
+                    shared_mode: str = "matrix", *, freeze_base: bool = True, trainable_shared_scale: bool = False,
+                    trainable_task_scale: bool = False) -> "MultiTaskLoRALinear":
         """Wrap ``linear``, sharing (not copying) its weight and bias Parameters."""
         weight, bias = cls._take_linear(linear, freeze_base)
         self = cls.__new__(cls)
         _FrozenBase.__init__(self)
         self._bind_base(weight, bias)
-        self._init_lora(tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode)
+        self._init_lora(tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode,
+                        trainable_shared_scale, trainable_task_scale)
         return self
 
-    def _init_lora(self, tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode) -> None:
+    def _init_lora(self, tasks, shared_rank, task_ranks, shared_scale, task_scale, dropout, shared_mode,
+                   trainable_shared_scale, trainable_task_scale) -> None:
+        shared_mode = "addition" if shared_mode == "add" else shared_mode  # the released code's alias
         if shared_mode not in SHARED_MODES:
             raise ValueError(f"shared_mode must be one of {SHARED_MODES}, got {shared_mode!r} "
-                             "(MTLoRA's 'addition' and 'lora_only' modes are not supported)")
+                             "(MTLoRA's 'lora_only' mode is a layer without tasks: pass tasks=None)")
         if isinstance(tasks, str):
             raise ValueError(f"tasks must be a sequence of task names, got the string {tasks!r}")
         tasks = list(tasks) if tasks is not None else []
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must be unique, got {tasks}")
+        if not tasks and shared_mode == "addition":
+            # Eq. 5 needs task outputs; the released layer switches to 'matrix' without tasks.
+            shared_mode = "matrix"
         self.lora_tasks_A = nn.ParameterDict()
         self.lora_tasks_B = nn.ParameterDict()
         for t in tasks:
@@ -427,23 +462,64 @@ class MultiTaskLoRALinear(_FrozenBase):
         self.tasks = tasks
         self.shared_mode = shared_mode
         self.shared_rank = _check_rank(shared_rank, "shared_rank")
-        self.shared_scale = _check_scale(shared_scale, "shared_scale")
+        self._shared_scale = _check_scale(shared_scale, "shared_scale")
         self.task_ranks: dict[str, int] = _per_task(task_ranks, tasks, "task_ranks", _check_rank)
-        self.task_scales: dict[str, float] = _per_task(task_scale, tasks, "task_scale", _check_scale)
+        self._task_scales: dict[str, float] = _per_task(task_scale, tasks, "task_scale", _check_scale)
         self.lora_dropout = nn.Dropout(_check_dropout(dropout))
-        self.lora_shared_A, self.lora_shared_B = _new_pair(self.shared_rank, self.weight)
+        if shared_mode == "addition":
+            self.lora_norm = nn.LayerNorm(self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        else:
+            self.lora_shared_A, self.lora_shared_B = _new_pair(self.shared_rank, self.weight)
         for t in tasks:
             self.lora_tasks_A[t], self.lora_tasks_B[t] = _new_pair(self.task_ranks[t], self.weight)
+        # The shared scale has nothing to scale in 'addition' mode (no shared LoRA).
+        self.trainable_shared_scale = bool(trainable_shared_scale) and shared_mode != "addition"
+        self.trainable_task_scale = bool(trainable_task_scale) and bool(tasks)
+        if self.trainable_shared_scale:
+            self.lora_shared_scale = _scale_parameter(self._shared_scale, self.weight)
+        if self.trainable_task_scale:
+            self.lora_task_scale = nn.ParameterDict(
+                {t: _scale_parameter(self._task_scales[t], self.weight) for t in tasks})
         self.register_load_state_dict_pre_hook(MultiTaskLoRALinear._adapt_foreign_keys)
 
+    # ------------------------------------------------------------------ scales
+    @property
+    def shared_scale(self) -> float:
+        """s_0 as a number (the current value of ``lora_shared_scale`` when trainable)."""
+        return float(self.lora_shared_scale.detach()) if self.trainable_shared_scale else self._shared_scale
+
+    @property
+    def task_scales(self) -> dict[str, float]:
+        """s_t per task as numbers (current values when trainable)."""
+        if self.trainable_task_scale:
+            return {t: float(self.lora_task_scale[t].detach()) for t in self.tasks}
+        return dict(self._task_scales)
+
+    def _scaled_b(self, b: torch.Tensor, trainable: bool, key: str | None) -> tuple[torch.Tensor, float]:
+        """(B, s) for the op, or (s B, 1) when s is a Parameter (see the class docstring)."""
+        if not trainable:
+            return b, (self._shared_scale if key is None else self._task_scales[key])
+        s = self.lora_shared_scale if key is None else self.lora_task_scale[key]
+        return b * s.to(b.dtype), 1.0
+
     def reset_lora_parameters(self) -> None:
-        _init_lora_pair(self.lora_shared_A, self.lora_shared_B)
+        if self.shared_mode != "addition":
+            _init_lora_pair(self.lora_shared_A, self.lora_shared_B)
         for t in self.tasks:
             _init_lora_pair(self.lora_tasks_A[t], self.lora_tasks_B[t])
 
+    # ------------------------------------------------------------------ forward
     def _task_inputs(self, x: torch.Tensor, u: torch.Tensor, x_tasks) -> torch.Tensor | None:
-        """Stack per-task LoRA inputs to the op's (T, ..., K) layout; tasks absent
-        from ``x_tasks`` read the dropped-out x, as they would with no x_tasks."""
+        """Per-task LoRA inputs in the op's (T, ..., K) layout: a mapping is stacked (tasks
+        absent from it read the dropped-out x, as they would with no x_tasks); a tensor
+        of shape (T, *x.shape), tasks in ``self.tasks`` order, is used as is."""
+        if x_tasks is None:
+            return None
+        if isinstance(x_tasks, torch.Tensor):
+            if x_tasks.shape != (len(self.tasks), *x.shape):
+                raise ValueError(f"stacked x_tasks must have shape (T={len(self.tasks)}, *x.shape) = "
+                                 f"{(len(self.tasks), *x.shape)}, got {tuple(x_tasks.shape)}")
+            return x_tasks
         if not x_tasks:
             return None
         unknown = [k for k in x_tasks if k not in self.lora_tasks_A]
@@ -455,28 +531,58 @@ class MultiTaskLoRALinear(_FrozenBase):
                 raise ValueError(f"x_tasks[{t!r}] must be a tensor of x's shape {tuple(x.shape)}, got {got}")
         return torch.stack([x_tasks.get(t, u) for t in self.tasks])
 
-    def forward(self, x: torch.Tensor, x_tasks: Mapping[str, torch.Tensor] | None = None):
+    def forward_stacked(self, x: torch.Tensor,
+                        x_tasks: Mapping[str, torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
+        """All outputs stacked, (1 + T, *x.shape[:-1], N): index 0 is h_0, index 1 + i
+        the output of ``self.tasks[i]`` (one fused op call). ``x_tasks`` is a mapping as in
+        :meth:`forward` or an already stacked (T, *x.shape) tensor."""
         x_lora = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else None
         if not self.tasks:
-            if x_tasks:
-                raise ValueError(f"x_tasks has unknown task(s) {list(x_tasks)}; this layer has no tasks")
-            out = lora_linear(x, self.weight, self.bias, self.lora_shared_A, self.lora_shared_B,
-                              self.shared_scale, x_lora=x_lora)
-            return out, None
+            if x_tasks is not None and len(x_tasks):
+                names = list(x_tasks) if isinstance(x_tasks, Mapping) else f"a tensor of {len(x_tasks)} task inputs"
+                raise ValueError(f"x_tasks has unknown task(s) {names}; this layer has no tasks")
+            b, s = self._scaled_b(self.lora_shared_B, self.trainable_shared_scale, None)
+            return lora_linear(x, self.weight, self.bias, self.lora_shared_A, b, s, x_lora=x_lora).unsqueeze(0)
         stacked = self._task_inputs(x, x if x_lora is None else x_lora, x_tasks)
-        lora_a = torch.cat([self.lora_shared_A, *(self.lora_tasks_A[t] for t in self.tasks)], dim=0)
-        lora_b = torch.cat([self.lora_shared_B, *(self.lora_tasks_B[t] for t in self.tasks)], dim=1)
-        ranks = [self.shared_rank, *(self.task_ranks[t] for t in self.tasks)]
-        scales = [self.shared_scale, *(self.task_scales[t] for t in self.tasks)]
-        out = mt_lora_linear(x, self.weight, self.bias, lora_a, lora_b, ranks, scales,
-                             shared_in_tasks=self.shared_mode == "matrixv2", x_lora=x_lora, x_tasks=stacked)
+        addition = self.shared_mode == "addition"
+        if addition:
+            # No shared LoRA: a rank-1 zero adapter makes the op's output 0 the pretrained
+            # output alone, from which Eq. 5 builds h_0.
+            a_parts = [self.weight.new_zeros((1, self.in_features))]
+            b_parts = [self.weight.new_zeros((self.out_features, 1))]
+            ranks, scales = [1], [1.0]
+        else:
+            b0, s0 = self._scaled_b(self.lora_shared_B, self.trainable_shared_scale, None)
+            a_parts, b_parts, ranks, scales = [self.lora_shared_A], [b0], [self.shared_rank], [s0]
+        for t in self.tasks:
+            bt, st = self._scaled_b(self.lora_tasks_B[t], self.trainable_task_scale, t)
+            a_parts.append(self.lora_tasks_A[t])
+            b_parts.append(bt)
+            ranks.append(self.task_ranks[t])
+            scales.append(st)
+        out = mt_lora_linear(x, self.weight, self.bias, torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1),
+                             ranks, scales, shared_in_tasks=self.shared_mode == "matrixv2", x_lora=x_lora,
+                             x_tasks=stacked)
+        if addition:
+            shared = out[0] + self.lora_norm(out[1:].sum(0))
+            out = torch.cat([shared.unsqueeze(0), out[1:]], dim=0)
+        return out
+
+    def forward(self, x: torch.Tensor, x_tasks: Mapping[str, torch.Tensor] | torch.Tensor | None = None):
+        out = self.forward_stacked(x, x_tasks)
+        if not self.tasks:
+            return out[0], None
         return out[0], {t: out[i + 1] for i, t in enumerate(self.tasks)}
 
     def to_linear(self, task: str | None = None) -> nn.Linear:
         """A new nn.Linear computing one output in eval mode without x_tasks:
-        h_0 for ``task=None``, else h_task (Eqs. 2-4 with ΔW merged)."""
+        h_0 for ``task=None``, else h_task (Eqs. 2-4 with ΔW merged). The shared
+        output of 'addition' mode (Eq. 5) is not linear and raises ValueError."""
         if task is not None and task not in self.lora_tasks_A:
             raise ValueError(f"unknown task {task!r}; this layer's tasks are {self.tasks}")
+        if task is None and self.shared_mode == "addition":
+            raise ValueError("the shared output of shared_mode='addition' (LayerNorm of the task outputs) "
+                             "is not a linear function; to_linear() needs a task")
         dt = self.weight.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=dt)
@@ -494,9 +600,18 @@ class MultiTaskLoRALinear(_FrozenBase):
     @staticmethod
     def _adapt_foreign_keys(module, state_dict, prefix, *args) -> None:
         _remap_keys(state_dict, prefix, _FOREIGN_BASE_KEYS)
+        if module.shared_mode == "addition":
+            # The released 'addition' layer keeps a (trainable) shared scale that its forward
+            # never reads; this layer has none, so the key is dropped rather than reported.
+            state_dict.pop(prefix + "lora_shared_scale", None)
 
     def extra_repr(self) -> str:
-        tasks = ", ".join(f"{t}(r={self.task_ranks[t]}, s={self.task_scales[t]:g})" for t in self.tasks)
+        tasks = ", ".join(f"{t}(r={self.task_ranks[t]}, s={self._task_scales[t]:g})" for t in self.tasks)
+        shared = ("LayerNorm of the task outputs" if self.shared_mode == "addition"
+                  else f"r={self.shared_rank}, s={self._shared_scale:g}")
+        trainable = [n for n, on in (("shared", self.trainable_shared_scale), ("tasks", self.trainable_task_scale))
+                     if on]
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, shared(r={self.shared_rank}, s={self.shared_scale:g}), "
-                f"tasks=[{tasks}], shared_mode={self.shared_mode!r}, dropout={self.lora_dropout.p:g}")
+                f"bias={self.bias is not None}, shared({shared}), tasks=[{tasks}], "
+                f"shared_mode={self.shared_mode!r}, dropout={self.lora_dropout.p:g}"
+                + (f", trainable scales: {'+'.join(trainable)}" if trainable else ""))

@@ -9,7 +9,7 @@ import torch
 from fastdense.data import SyntheticScenes
 from fastdense.engine import MultiTaskTrainer, TrainConfig, load_checkpoint
 from fastdense.engine import checkpoint as C
-from fastdense.models import build_model
+from fastdense.models import create_model
 
 TASKS = ["semseg", "normal", "depth_euclidean", "saliency"]
 
@@ -17,7 +17,7 @@ TASKS = ["semseg", "normal", "depth_euclidean", "saliency"]
 def _trainer(run_dir, steps, seed_init=0):
     torch.manual_seed(seed_init)
     # Dropout in the LoRA layers makes the run consume torch's RNG, so resuming must restore it.
-    model = build_model("tiny_mtl_small", TASKS, dropout=0.2)
+    model = create_model("tiny_mtl_small", tasks=TASKS, dropout=0.2)
     ds = SyntheticScenes(6, 64, seed=1, tasks=TASKS)  # 6 samples, batch 4: epochs wrap mid-batch
     cfg = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_steps=2, progress=False, log_every=0, seed=3)
     return MultiTaskTrainer(model, TASKS, ds, config=cfg, run_dir=run_dir, device="cpu")

@@ -20,10 +20,10 @@ STEPS, BATCH = 2, 4
 def _make_trainer(run_dir):
     from fastdense.data import SyntheticScenes
     from fastdense.engine import MultiTaskTrainer, TrainConfig
-    from fastdense.models import build_model
+    from fastdense.models import create_model
 
     torch.manual_seed(0)
-    model = build_model("tiny_mtl_small", TASKS)
+    model = create_model("tiny_mtl_small", tasks=TASKS)
     train = SyntheticScenes(8, 64, seed=2, tasks=TASKS)
     val = SyntheticScenes(5, 64, seed=4, tasks=TASKS)  # odd size: ranks get unequal shares
     cfg = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, warmup_steps=1, progress=False, log_every=1)

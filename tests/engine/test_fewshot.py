@@ -12,7 +12,7 @@ from fastdense import cli
 from fastdense.data.episodes import RepeatedResult
 from fastdense.engine import load_checkpoint
 from fastdense.engine.fewshot import SYNTHETIC_TASKS, EpisodicConfig, EpisodicTrainer, synthetic_sampler
-from fastdense.models import FEWSHOT_MODELS, MODELS, TinyFewShot, build_model
+from fastdense.models import TinyFewShot, create_model, list_models
 from fastdense.nn import lora_parameters
 
 
@@ -24,7 +24,7 @@ def sampler():
 
 def _trainer(sampler, steps=20, run_dir=None, seed=0, **cfg):
     torch.manual_seed(seed)
-    model = build_model("tiny_fewshot", SYNTHETIC_TASKS)
+    model = create_model("tiny_fewshot", tasks=SYNTHETIC_TASKS)
     config = EpisodicConfig(steps=steps, warmup_steps=3, adapt_steps=3, **cfg)
     return EpisodicTrainer(model, sampler, config=config, run_dir=run_dir, device="cpu")
 
@@ -34,10 +34,10 @@ def _state(model):
 
 
 def test_registry_and_shapes():
-    assert "tiny_fewshot" in FEWSHOT_MODELS and "tiny_fewshot" not in MODELS
-    with pytest.raises(ValueError, match="few-shot models: tiny_fewshot"):
-        build_model("vtm_large", ["normal"])
-    model = build_model("tiny_fewshot", ["normal", "depth_euclidean", "principal_curvature"])
+    assert "tiny_fewshot" in list_models(kind="fewshot") and "tiny_fewshot" not in list_models(kind="multitask")
+    with pytest.raises(ValueError, match="unknown model 'vtm_large'"):
+        create_model("vtm_large", tasks=["normal"])
+    model = create_model("tiny_fewshot", tasks=["normal", "depth_euclidean", "principal_curvature"])
     assert isinstance(model, TinyFewShot)
     sup, qry = torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64)
     for task, channels in (("normal", 3), ("depth_euclidean", 1), ("principal_curvature", 2)):
@@ -49,7 +49,7 @@ def test_registry_and_shapes():
     norm = model.normalize_label("depth_euclidean", raw)
     assert torch.equal(norm[:, 0], torch.full((1, 4, 4), 0.7)) and not norm[:, 1:].any()
     with pytest.raises(ValueError, match="unknown few-shot task"):
-        build_model("tiny_fewshot", ["semseg"])
+        create_model("tiny_fewshot", tasks=["semseg"])
     with pytest.raises(ValueError, match="not one of this model's tasks"):
         model.task_parameters("reshading")
 
@@ -164,7 +164,7 @@ def test_checkpoint_round_trip_and_exact_resume(sampler, tmp_path):
 
     other_fold = synthetic_sampler(fold=1, shots=2, queries=2, train_samples=12, test_samples=6, seed=0)
     torch.manual_seed(0)
-    wrong = EpisodicTrainer(build_model("tiny_fewshot", SYNTHETIC_TASKS), other_fold,
+    wrong = EpisodicTrainer(create_model("tiny_fewshot", tasks=SYNTHETIC_TASKS), other_fold,
                             config=EpisodicConfig(steps=8), device="cpu")
     with pytest.raises(ValueError, match="fold"):
         wrong.resume(path)

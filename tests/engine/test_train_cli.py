@@ -93,7 +93,7 @@ def test_yaml_config_when_pyyaml_is_installed(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--model", "swin"], "unknown model 'swin'; valid models: tiny_mtl, tiny_mtl_small"),
+    (["train", "--model", "swin"], "unknown model 'swin'; models `fastdense train` can train: "),
     (["train", "--tasks", "semseg,edges"], "unknown task(s) ['edges']"),
     (["train", "--resolution", "70"], "--resolution must be a multiple of 4 in [64, 448], got 70"),
     (["train", "--steps", "0"], "--steps must be a positive integer, got 0"),
@@ -203,3 +203,51 @@ def test_demo_exits_non_zero_when_its_training_loses_to_the_baseline(monkeypatch
     assert re.search(r"^  torch\s+PASS", out, re.M)  # the op part passed; the training part failed
     assert "demo training: FAIL" in out
     assert out.rstrip().endswith("demo: FAIL (training did not beat the trivial baseline)")
+
+
+# A Swin backbone small enough for the CPU tests: 4 stages of one block, 4x4 windows.
+TINY_SWIN = ["--model-arg", "embed_dim=16", "--model-arg", "depths=1,1,1,1", "--model-arg", "num_heads=1,1,2,2",
+             "--model-arg", "window_size=4", "--model-arg", "train_base=true"]
+
+
+def test_train_a_registered_swin_model_with_model_args_then_eval(tmp_path, capsys):
+    run = tmp_path / "mtlora"
+    args = ["train", *TINY, "--model", "mtlora_swin_t", *TINY_SWIN, "--model-arg", "shared_rank=4",
+            "--tasks", "semseg,normal", "--run-dir", str(run)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    train_table = _table(capsys.readouterr().out)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    spec = ckpt["config"]["spec"]
+    assert spec["model"] == "mtlora_swin_t" and spec["model_kwargs"]["shared_rank"] == 4
+    assert spec["model_kwargs"]["depths"] == [1, 1, 1, 1] or spec["model_kwargs"]["depths"] == (1, 1, 1, 1)
+    assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt")]) == 0
+    eval_table = _table(capsys.readouterr().out)
+    for key, value in train_table.items():
+        assert eval_table[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_model_args_from_a_config_file_merge_with_the_flags(tmp_path, capsys, monkeypatch):
+    from fastdense.cli import train as train_cmd
+
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "mtlora_swin_t", "model_args": {"shared_rank": 8, "embed_dim": 16}}))
+    parser = cli.build_parser()
+    opts = train_cmd.train_options(parser.parse_args(["train", "--config", str(cfg), "--model-arg", "shared_rank=2",
+                                                      "--model-arg", "depths=1,1,1,1"]))
+    assert opts["model_args"] == {"shared_rank": 2, "embed_dim": 16, "depths": (1, 1, 1, 1)}
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--model", "swin_t"], "unknown model 'swin_t'; models `fastdense train` can train: "),
+    (["--model", "tiny_fewshot"], "mtlora_swin_t"),
+    (["--model-arg", "rank"], "--model-arg takes key=value"),
+    (["--model-arg", "dim=oops", "--model", "tiny_mtl_small"], "model 'tiny_mtl_small'"),
+    (["--data", "pascal"], "--data pascal needs --data-root"),
+    (["--data", "nyud", "--tasks", "saliency"], "unknown task(s) ['saliency'] for --data nyud"),
+    (["--pretrained", "no/such/weights.safetensors", "--model", "mtlora_swin_t"], "no/such/weights.safetensors"),
+    (["--pretrained", "README.md"], "takes no pretrained backbone weights"),
+])
+def test_model_and_data_options_fail_with_one_line(tmp_path, capsys, extra, words):
+    code = cli.main(["train", *TINY, "--run-dir", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err

@@ -12,14 +12,14 @@ from fastdense.data import SyntheticScenes
 from fastdense.engine import (MultiTaskTrainer, ResumableSampler, TrainConfig, beats, constant_baseline,
                               evaluate_constant, warmup_cosine, write_png)
 from fastdense.engine import losses as L
-from fastdense.models import MODELS, build_model
+from fastdense.models import create_model, list_models
 
 TASKS = ["semseg", "normal", "depth_euclidean", "saliency"]
 
 
 def _tiny_model(tasks=TASKS, seed=0):
     torch.manual_seed(seed)
-    return build_model("tiny_mtl_small", tasks)
+    return create_model("tiny_mtl_small", tasks=tasks)
 
 
 def test_schedule_values_at_warmup_and_cosine_points():
@@ -135,13 +135,13 @@ def test_sampler_is_a_seeded_permutation_per_epoch_and_resumable():
     assert sorted(s.next(5)) == list(range(5))
 
 
-def test_build_model_registry_and_errors():
-    assert {"tiny_mtl", "tiny_mtl_small"} <= set(MODELS)
-    with pytest.raises(ValueError, match="valid models: tiny_mtl, tiny_mtl_small"):
-        build_model("swin_t", TASKS)
+def test_create_model_registry_and_errors():
+    assert {"tiny_mtl", "tiny_mtl_small"} <= set(list_models(kind="multitask"))
+    with pytest.raises(ValueError, match="unknown model 'swin_tt'.*Did you mean 'swin_t'"):
+        create_model("swin_tt", tasks=TASKS)
     with pytest.raises(ValueError, match="unknown task"):
-        build_model("tiny_mtl", ["semseg", "edges"])
-    model = build_model("tiny_mtl_small", ["semseg", "normal"])
+        create_model("tiny_mtl", tasks=["semseg", "edges"])
+    model = create_model("tiny_mtl_small", tasks=["semseg", "normal"])
     out = model(torch.rand(2, 3, 64, 64))
     assert out["semseg"].shape == (2, 6, 64, 64) and out["normal"].shape == (2, 3, 64, 64)
     from fastdense.nn import LoRALinear, MultiTaskLoRALinear

@@ -9,6 +9,7 @@ from fastdense.models.registry import create_model, is_model, list_models, regis
 def fresh_registry(monkeypatch):
     """An empty registry for the test; the real one is restored afterwards."""
     monkeypatch.setattr(registry, "_MODELS", {})
+    monkeypatch.setattr(registry, "_KINDS", {})
     return registry
 
 
@@ -82,3 +83,35 @@ def test_swin_constructors_are_registered():
     assert {"swin_t", "swin_s", "swin_b"} <= set(list_models("swin_*"))
     model = create_model("swin_t", num_classes=0, depths=(1, 1, 1, 1))
     assert type(model).__name__ == "SwinTransformer" and model.depths == (1, 1, 1, 1)
+
+
+def test_kinds_sort_the_models_for_the_command_line(fresh_registry):
+    @register_model(kind="multitask")
+    def a_multitask(tasks=("x",)):
+        return list(tasks)
+
+    @register_model(kind="fewshot")
+    def a_fewshot():
+        return "f"
+
+    @register_model
+    def a_backbone():
+        return "b"
+
+    assert a_multitask(tasks=["y"]) == ["y"]  # the parametrised decorator returns the function too
+    assert list_models(kind="multitask") == ["a_multitask"]
+    assert list_models(kind="fewshot") == ["a_fewshot"]
+    assert list_models(kind="backbone") == ["a_backbone"]
+    assert registry.model_kind("a_fewshot") == "fewshot"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        register_model(kind="detector")
+
+
+def test_the_packaged_models_are_registered_with_their_kind():
+    import fastdense.models as models
+
+    assert {"tiny_mtl", "tiny_mtl_small", "mtlora_swin_t"} <= set(models.list_models(kind="multitask"))
+    assert "tiny_fewshot" in models.list_models(kind="fewshot")
+    assert {"swin_t", "swin_s", "swin_b"} <= set(models.list_models(kind="backbone"))
+    net = models.create_model("tiny_mtl_small", tasks=["semseg"])
+    assert isinstance(net, models.TinyMTL) and net.tasks == ["semseg"]

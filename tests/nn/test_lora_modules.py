@@ -34,16 +34,22 @@ def randomise_lora(module: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- oracles
 def mtlora_loop(layer: MultiTaskLoRALinear, x, u, x_tasks=None):
-    """MTLoRA's MTLoRALinear.forward, written out (Eqs. 2-4 of fastdense.nn.lora)."""
+    """MTLoRA's MTLoRALinear.forward, written out (Eqs. 2-5 of fastdense.nn.lora); trainable
+    scales enter as the Parameters themselves, so their gradients are autograd's."""
     pretrained = F.linear(x, layer.weight, layer.bias)
-    shared = (u @ layer.lora_shared_A.t() @ layer.lora_shared_B.t()) * layer.shared_scale
+    s0 = layer.lora_shared_scale if layer.trainable_shared_scale else layer.shared_scale
+    if layer.shared_mode != "addition":
+        shared = (u @ layer.lora_shared_A.t() @ layer.lora_shared_B.t()) * s0
     if not layer.tasks:
         return pretrained + shared, None
     tasks = {}
     for t in layer.tasks:
         xt = x_tasks[t] if x_tasks is not None and t in x_tasks else u
-        lt = xt @ layer.lora_tasks_A[t].t() @ layer.lora_tasks_B[t].t() * layer.task_scales[t]
+        st = layer.lora_task_scale[t] if layer.trainable_task_scale else layer.task_scales[t]
+        lt = xt @ layer.lora_tasks_A[t].t() @ layer.lora_tasks_B[t].t() * st
         tasks[t] = pretrained + lt + (shared if layer.shared_mode == "matrixv2" else 0)
+    if layer.shared_mode == "addition":
+        shared = layer.lora_norm(torch.stack(list(tasks.values())).sum(0))
     return pretrained + shared, tasks
 
 
@@ -67,11 +73,14 @@ def weighted_loss(outputs, cotangents):
 
 
 # ----------------------------------------------------------------------------- MultiTaskLoRALinear
-def make_mt(shared_mode="matrix", dropout=0.0, tasks=TASKS, dtype=torch.float64):
+def make_mt(shared_mode="matrix", dropout=0.0, tasks=TASKS, dtype=torch.float64, trainable_scales=False):
     layer = MultiTaskLoRALinear(12, 10, tasks, shared_rank=5, task_ranks=TASK_RANKS if tasks else 4,
                                 shared_scale=1.5, task_scale=TASK_SCALES if tasks else 4.0, dropout=dropout,
-                                shared_mode=shared_mode, dtype=dtype)
+                                shared_mode=shared_mode, trainable_shared_scale=trainable_scales,
+                                trainable_task_scale=trainable_scales, dtype=dtype)
     randomise_lora(layer)
+    if trainable_scales:  # the scale Parameters are float32 like MTLoRA's; the test runs in the layer's dtype
+        layer.to(dtype)
     return layer
 
 
@@ -198,7 +207,7 @@ def test_mt_lora_to_linear(shared_mode):
 
 def test_mt_lora_errors():
     with pytest.raises(ValueError, match="shared_mode"):
-        MultiTaskLoRALinear(4, 4, TASKS, shared_mode="addition")
+        MultiTaskLoRALinear(4, 4, TASKS, shared_mode="lora_only")
     with pytest.raises(ValueError, match="shared_rank"):
         MultiTaskLoRALinear(4, 4, TASKS, shared_rank=0)
     with pytest.raises(ValueError, match="task_ranks"):
@@ -219,6 +228,116 @@ def test_mt_lora_errors():
         layer(x, {"edges": x})
     with pytest.raises(ValueError, match=r"x_tasks\['depth'\] must be a tensor of x's shape"):
         layer(x, {"depth": torch.randn(3, 4)})
+
+
+# ----------------------------------------------------------------------------- 'addition' and trainable scales
+@pytest.mark.parametrize("shared_mode", ["matrix", "matrixv2", "addition"])
+@pytest.mark.parametrize("trainable_scales", [False, True], ids=["fixed", "trainable"])
+@pytest.mark.parametrize("x_tasks_kind", ["none", "partial"])
+def test_mt_lora_modes_and_trainable_scales_match_mtlora(shared_mode, trainable_scales, x_tasks_kind):
+    p = 0.3
+    layer = make_mt(shared_mode, dropout=p, trainable_scales=trainable_scales).train()
+    assert hasattr(layer, "lora_norm") == (shared_mode == "addition")
+    assert hasattr(layer, "lora_shared_A") == (shared_mode != "addition")
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    x_tasks = ({"normals": torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)}
+               if x_tasks_kind == "partial" else None)
+    torch.manual_seed(7)
+    shared, tasks = layer(x, x_tasks)
+    torch.manual_seed(7)
+    ref_shared, ref_tasks = mtlora_loop(layer, x, F.dropout(x, p, training=True), x_tasks)
+    outputs, ref_outputs = flatten_outputs(shared, tasks), flatten_outputs(ref_shared, ref_tasks)
+    for o, r in zip(outputs, ref_outputs):
+        torch.testing.assert_close(o, r, **F64)
+    cot = [torch.randn_like(o) for o in outputs]
+    wrt = [x, *lora_parameters(layer), *(x_tasks or {}).values()]
+    got = torch.autograd.grad(weighted_loss(outputs, cot), wrt)
+    want = torch.autograd.grad(weighted_loss(ref_outputs, cot), wrt)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **F64)
+    names = [n for n, _ in layer.named_parameters() if n.startswith("lora_")]
+    scale_names = [n for n in names if "scale" in n]
+    if trainable_scales:
+        expected = (["lora_task_scale." + t for t in TASKS] if shared_mode == "addition"
+                    else ["lora_shared_scale", *("lora_task_scale." + t for t in TASKS)])
+        assert sorted(scale_names) == sorted(expected)
+        grads = dict(zip(names, got[1:1 + len(names)]))
+        assert all(float(grads[n].abs()) > 0 for n in scale_names)
+    else:
+        assert scale_names == []
+
+
+@pytest.mark.parametrize("shared_mode", ["matrixv2", "addition"])
+def test_mt_lora_trainable_scales_fused_equals_torch_backend(shared_mode):
+    """The fused (cpp) backend against the torch backend, float32, trainable scales and
+    'addition': outputs and the gradient of every LoRA parameter and input."""
+    from fastdense.ops import backend
+
+    layer = make_mt(shared_mode, dtype=torch.float32, trainable_scales=True).eval()
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    x_tasks = torch.randn(len(TASKS), 3, 4, 12, requires_grad=True)
+    wrt = [x, x_tasks, *lora_parameters(layer)]
+
+    def run():
+        out = layer.forward_stacked(x, x_tasks)
+        cot = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return [out, *torch.autograd.grad((out * cot).sum(), wrt)]
+
+    fused = run()
+    with backend("torch"):
+        ref = run()
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_mt_lora_stacked_forward_equals_mapping_forward():
+    layer = make_mt("matrixv2").eval()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    xt = {t: torch.randn_like(x) for t in TASKS}
+    stacked = layer.forward_stacked(x, torch.stack([xt[t] for t in TASKS]))
+    shared, tasks = layer(x, xt)
+    assert stacked.shape == (1 + len(TASKS), 2, 3, 10)
+    torch.testing.assert_close(stacked, torch.stack([shared, *(tasks[t] for t in TASKS)]), **F64)
+    with pytest.raises(ValueError, match=r"stacked x_tasks must have shape \(T=3"):
+        layer.forward_stacked(x, torch.randn(2, 2, 3, 12, dtype=torch.float64))
+    shared_only = make_mt(tasks=None).eval()
+    torch.testing.assert_close(shared_only.forward_stacked(x)[0], shared_only(x)[0], **F64)
+
+
+def test_mt_lora_loads_mtlora_addition_checkpoint_with_trainable_scales():
+    """The released layer's keys for shared_mode='addition' with trainable scales: no shared
+    A/B, ``lora_norm``, one-element ``lora_task_scale.<task>`` and an unused ``lora_shared_scale``."""
+    n_out, n_in = 10, 12
+    official = {"linear.weight": torch.randn(n_out, n_in, dtype=torch.float64),
+                "linear.bias": torch.randn(n_out, dtype=torch.float64),
+                "lora_norm.weight": torch.rand(n_out, dtype=torch.float64) + 0.5,
+                "lora_norm.bias": torch.randn(n_out, dtype=torch.float64),
+                "lora_shared_scale": torch.tensor([4.0])}
+    for t in TASKS:
+        official[f"lora_tasks_A.{t}"] = torch.randn(TASK_RANKS[t], n_in, dtype=torch.float64)
+        official[f"lora_tasks_B.{t}"] = torch.randn(n_out, TASK_RANKS[t], dtype=torch.float64)
+        official[f"lora_task_scale.{t}"] = torch.tensor([TASK_SCALES[t] * 0.5])
+    layer = MultiTaskLoRALinear(n_in, n_out, TASKS, shared_rank=5, task_ranks=TASK_RANKS, task_scale=TASK_SCALES,
+                                shared_mode="add", trainable_shared_scale=True, trainable_task_scale=True,
+                                dropout=0.0, dtype=torch.float64)
+    assert layer.shared_mode == "addition" and not layer.trainable_shared_scale
+    layer.load_state_dict(dict(official), strict=True)
+    assert layer.task_scales == {t: TASK_SCALES[t] * 0.5 for t in TASKS}
+    x = torch.randn(4, n_in, dtype=torch.float64)
+    shared, tasks = layer.eval()(x)
+    base = x @ official["linear.weight"].t() + official["linear.bias"]
+    want = {t: base + TASK_SCALES[t] * 0.5 * (x @ official[f"lora_tasks_A.{t}"].t()
+                                               @ official[f"lora_tasks_B.{t}"].t()) for t in TASKS}
+    summed = sum(want.values())
+    want_shared = base + F.layer_norm(summed, (n_out,), official["lora_norm.weight"], official["lora_norm.bias"])
+    torch.testing.assert_close(shared, want_shared, **F64)
+    for t in TASKS:
+        torch.testing.assert_close(tasks[t], want[t], **F64)
+        torch.testing.assert_close(layer.to_linear(t)(x), want[t], **F64)
+    with pytest.raises(ValueError, match="not a linear function"):
+        layer.to_linear()
+    # Without tasks, 'addition' is 'matrix' (the released layer's fallback).
+    assert MultiTaskLoRALinear(4, 4, None, shared_mode="addition").shared_mode == "matrix"
 
 
 # ----------------------------------------------------------------------------- LoRALinear
