@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdense.nn._tasks import task_outputs
 from fastdense.ops import lora_linear, mt_lora_linear
 
 __all__ = ["LoRALinear", "MultiTaskLoRALinear"]
@@ -568,11 +569,14 @@ class MultiTaskLoRALinear(_FrozenBase):
             out = torch.cat([shared.unsqueeze(0), out[1:]], dim=0)
         return out
 
-    def forward(self, x: torch.Tensor, x_tasks: Mapping[str, torch.Tensor] | torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, x_tasks: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+                stacked: bool = False):
+        """``(h_0, {task: h_t})``, or ``(h_0, (T, ..., N) tensor)`` with ``stacked=True``
+        (the keyword every fastdense multi-task module takes)."""
         out = self.forward_stacked(x, x_tasks)
         if not self.tasks:
             return out[0], None
-        return out[0], {t: out[i + 1] for i, t in enumerate(self.tasks)}
+        return out[0], task_outputs(self.tasks, out[1:], stacked)
 
     def to_linear(self, task: str | None = None) -> nn.Linear:
         """A new nn.Linear computing one output in eval mode without x_tasks:

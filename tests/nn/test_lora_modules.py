@@ -735,3 +735,16 @@ def test_torch_compile_fullgraph_matches_eager():
     assert all(g is not None for g in eager_grads + compiled_grads)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_multitask_lora_returns_a_dict_or_the_stacked_tensor():
+    """The keyword every multi-task module takes: stacked=True gives the (T, ..., N) tensor."""
+    layer = MultiTaskLoRALinear(8, 6, tasks=["seg", "depth"], shared_rank=4, task_ranks=2)
+    torch.nn.init.normal_(layer.lora_tasks_B["depth"])
+    x = torch.randn(2, 5, 8)
+    shared, tasks = layer.eval()(x)
+    shared_s, stacked = layer(x, stacked=True)
+    assert list(tasks) == ["seg", "depth"] and stacked.shape == (2, 2, 5, 6)
+    torch.testing.assert_close(shared_s, shared)
+    for i, name in enumerate(("seg", "depth")):
+        torch.testing.assert_close(stacked[i], tasks[name])
