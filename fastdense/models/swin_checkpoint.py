@@ -170,6 +170,11 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: 
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path} is not a Swin checkpoint: non-tensor entries {bad[:5]}")
+    adapted = [k for k in sd if "lora_" in k or ".linear.weight" in k]
+    if adapted:  # a PEFT model's checkpoint: its backbone keys are wrapped, loading would half-fit
+        raise ValueError(f"{path} holds a parameter-efficient model (e.g. {adapted[0]!r}), not a plain Swin "
+                         "checkpoint: load it with fastdense.models.mtlora_checkpoint.load_pretrained or "
+                         "tadformer_checkpoint.load_pretrained")
 
     if source == "microsoft" or (source == "auto" and is_microsoft_layout(sd)):
         report.converted_from.append("microsoft")

@@ -471,3 +471,13 @@ def test_matches_timm_swin_tiny_on_cuda(size):
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
         stride *= 2
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_load_pretrained_refuses_a_peft_checkpoint_naming_the_loader(tmp_path):
+    """An MTLoRA/TADFormer checkpoint wraps the backbone's linears: loading it as Swin would half-fit."""
+    sd = {f"backbone.{k}": v for k, v in SwinTransformer(**TINY).state_dict().items()}
+    sd["backbone.layers.0.blocks.0.attn.qkv.lora_shared_A"] = torch.zeros(4, 16)
+    path = tmp_path / "mtlora.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"mtlora\.pth holds a parameter-efficient model.*mtlora_checkpoint"):
+        load_pretrained(SwinTransformer(**TINY), path)
