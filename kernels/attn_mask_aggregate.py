@@ -29,25 +29,67 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdense._triton import interpreting as _interpreting
+from . import _launch
+from ._launch import launch
 
 LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- configs
-def _configs():
-    # The interpreter runs every tile op in numpy: one small config.
-    if _interpreting():
+# The interpreter runs every tile op in numpy: one small config. On a GPU each
+# kernel has its own short list, (BLOCK_M query rows, BLOCK_N key rows, warps,
+# stages), every one free of register spills on sm_90 for head dims up to 128
+# (BLOCK_D <= 128) and up to 128 concepts (BLOCK_C <= 128) in bf16/fp16.
+# What decides it is how many (rows, BLOCK_C) / (rows, BLOCK_D) fp32
+# accumulators and (BLOCK_M, BLOCK_N) score tiles live per thread: 64 x 128 tiles
+# with 4 warps spilled in every kernel, the backward kernels need 8 warps for 64
+# query rows once BLOCK_C = 128.
+# The last config of every list, 32 x 32 with 4 warps, is the only one kept for
+# tiles past 128 (d or N up to TRITON_MAX_D / TRITON_MAX_N = 256): the others
+# spilled or asked for more than the 227 KB of shared memory a block can have;
+# it is also the one kept for fp32 inputs, whose tiles take twice the registers.
+_SMALL = (32, 32, 4, 2)
+
+
+def _tuned(shapes, interpreting: bool):
+    if interpreting:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [*shapes, _SMALL]]
+
+
+def _prune(configs, named_args, **kwargs):
+    small = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == _SMALL]
+    if max(kwargs["BLOCK_D"], kwargs["BLOCK_C"]) > 128 or named_args["q_ptr"].dtype.itemsize >= 4:
+        return small or configs[-1:]
+    return [c for c in configs if c not in small] or configs
+
+
+def _lse_configs(interpreting: bool):
+    # Only a (BLOCK_M, BLOCK_D) q tile and the running max/sum live: < 130 registers.
+    return _tuned([(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3)], interpreting)
+
+
+def _fwd_configs(interpreting: bool):
+    # A key block of BLOCK_N rows accumulates (BLOCK_N, BLOCK_C); query tiles of BLOCK_M stream.
+    return _tuned([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)], interpreting)
+
+
+def _rows_configs(interpreting: bool):
+    # dM (BLOCK_M, BLOCK_C), then dq (BLOCK_M, BLOCK_D) next to P, dP and dS tiles.
+    return _tuned([(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)], interpreting)
+
+
+def _cols_configs(interpreting: bool):
+    # dk (BLOCK_N, BLOCK_D) with k and G of the key block held, query tiles streaming.
+    return _tuned([(128, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2)], interpreting)
 
 
 _KEY = ["L", "BLOCK_D", "BLOCK_C"]
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.autotune(configs=_configs(), key=_KEY)
+@_launch.autotune(_lse_configs, key=_KEY, prune=_prune)
 @triton.jit
 def _lse_kernel(
     q_ptr, k_ptr, lse_ptr, L, H, qk_scale,
@@ -83,7 +125,7 @@ def _lse_kernel(
     tl.store(lse_ptr + b.to(tl.int64) * s_lb + h * s_lh + offs_m, lse, mask=offs_m < L)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@_launch.autotune(_fwd_configs, key=_KEY, prune=_prune)
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, m_ptr, lse_ptr, out_ptr, L, H, N, qk_scale,
@@ -122,7 +164,7 @@ def _fwd_kernel(
     tl.store(out, acc, mask=(cols[:, None] < L) & in_c[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@_launch.autotune(_rows_configs, key=_KEY, prune=_prune)
 @triton.jit
 def _bwd_rows_kernel(
     q_ptr, k_ptr, m_ptr, g_ptr, lse_ptr, dm_ptr, delta_ptr, dq_ptr, L, H, N, qk_scale, scale, g_scale,
@@ -187,7 +229,7 @@ def _bwd_rows_kernel(
         tl.store(out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_rows[:, None] & in_d[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@_launch.autotune(_cols_configs, key=_KEY, prune=_prune)
 @triton.jit
 def _bwd_cols_kernel(
     q_ptr, k_ptr, m_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, L, H, N, qk_scale, scale, g_scale,
@@ -258,8 +300,8 @@ def _lse(q, k, scale):
     def grid(meta):
         return (triton.cdiv(length, meta["BLOCK_M"]), b * h)
 
-    _lse_kernel[grid](
-        q, k, lse, length, h, scale * LOG2E,
+    launch(
+        _lse_kernel, grid, q, k, lse, length, h, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0), lse.stride(1),
         D=d, BLOCK_D=block_d, BLOCK_C=16, DOT_PRECISION=_dot_precision(q.dtype),
     )
@@ -278,8 +320,8 @@ def forward(q, k, m_ca, scale, lse, head_reduce):
         def grid(meta):
             return (triton.cdiv(length, meta["BLOCK_N"]), b * h)
 
-        _fwd_kernel[grid](
-            q, k, m_ca, lse, out_h, length, h, n, scale * LOG2E,
+        launch(
+            _fwd_kernel, grid, q, k, m_ca, lse, out_h, length, h, n, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), s_mb, s_mh, s_ml,
             lse.stride(0), lse.stride(1), out_h.stride(0), out_h.stride(1), out_h.stride(2),
             D=d, BLOCK_D=block_d, BLOCK_C=block_c, DOT_PRECISION=_dot_precision(q.dtype),
@@ -326,19 +368,51 @@ def backward(grad, q, k, m_ca, scale, lse, head_reduce, needs):
     def cols_grid(meta):
         return (triton.cdiv(length, meta["BLOCK_N"]), b * h)
 
-    _bwd_rows_kernel[rows_grid](
-        q, k, m_ca, grad, lse, dm_h, delta, dq, length, h, n, scale * LOG2E, scale, g_scale,
+    launch(
+        _bwd_rows_kernel, rows_grid, q, k, m_ca, grad, lse, dm_h, delta, dq, length, h, n, scale * LOG2E, scale,
+        g_scale,
         *strides, dm_h.stride(0), dm_h.stride(1), dm_h.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         WRITE_DM=need_m, WRITE_DQ=need_q, **common,
     )
     dk = empty
     if need_k:
         dk = torch.empty_like(k)
-        _bwd_cols_kernel[cols_grid](
-            q, k, m_ca, grad, lse, delta, dk, length, h, n, scale * LOG2E, scale, g_scale,
+        launch(
+            _bwd_cols_kernel, cols_grid, q, k, m_ca, grad, lse, delta, dk, length, h, n, scale * LOG2E, scale, g_scale,
             *strides, dk.stride(0), dk.stride(1), dk.stride(2), **common,
         )
     dm = empty
     if need_m:
         dm = dm_h.sum(dim=1).to(m_ca.dtype) if shared else dm_h
     return dq if need_q else empty, dk, dm
+
+
+def compile_specs(batch: int, heads: int, length: int, head_dim: int, concepts: int, dtype, *,
+                  shared_map: bool = True, head_reduce: str = "mean", given_lse: bool = False,
+                  needs=(True, True, True), forward_pass: bool = True) -> list:
+    """What one forward (+ backward when any of ``needs``) call would compile on a GPU.
+
+    q, k (batch, heads, length, head_dim); m_ca (batch, length, concepts) when
+    ``shared_map``, else per head; ``given_lse``: the caller passes SDPA's lse
+    (no lse pass); ``needs``: gradients of (q, k, m_ca). Runs the launchers
+    above on meta tensors (see fastdense.kernels._launch).
+    """
+    import torch
+
+    meta = _launch.meta_tensor
+    q = meta(batch, heads, length, head_dim, dtype=dtype)
+    k = meta(batch, heads, length, head_dim, dtype=dtype)
+    m_ca = meta(batch, length, concepts, dtype=dtype) if shared_map else meta(batch, heads, length, concepts,
+                                                                              dtype=dtype)
+    lse = meta(batch, heads, length, dtype=torch.float32) if given_lse else None
+    scale = head_dim ** -0.5
+    with _launch.recording() as launches:
+        out, lse = forward(q, k, m_ca, scale, lse, head_reduce)
+        if not forward_pass:
+            launches.clear()
+        if any(needs):
+            backward(torch.empty_like(out), q, k, m_ca, scale, lse, head_reduce, needs)
+    case = (f"attn B={batch} H={heads} L={length} d={head_dim} N={concepts} "
+            f"{'shared' if shared_map else 'per-head'} {head_reduce}{' lse-given' if given_lse else ''} "
+            f"needs={''.join(str(int(v)) for v in needs)}")
+    return _launch.specs(launches, case)

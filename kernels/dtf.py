@@ -24,11 +24,68 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import interpreting as _interpreting, launch
+from ._launch import interpreting as _interpreting
+from ._launch import launch
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
+
+
+# ----------------------------------------------------------------------------- configs
+# One small config in the interpreter (every tile op is numpy work there). On a
+# GPU the token tile of the conv kernels and the pixel slice of the filter
+# gradient depend on the map: a 14x14 stage at batch 8 has 6k tokens, a 112x112
+# one 400k, so small tiles keep the small maps' grids full and large tiles cut
+# the large maps' halo re-reads. The autotuners key on the padded rank, the
+# kernel size and a power-of-two bucket of the token count (TOKENS, never read
+# by the kernels), not on the raw sizes: a new resolution does not re-tune.
+# A program holds a (BLOCK_M, R_PAD) fp32 accumulator (conv) or that and a
+# (BLOCK_M, BLOCK_N) fp32 product (conv + up-projection): _prune keeps the
+# configs with at most 32 elements of those per thread for 16-bit inputs and 8
+# for fp32, whose loaded tiles take twice the registers (128-token tiles with 4
+# warps spilled at R_PAD = 64 in bf16, 32-token ones in fp32).
+def _conv_configs(interpreting: bool):
+    if interpreting:
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm, w in ((16, 4), (64, 4), (128, 8))]
+
+
+def _up_add_configs(interpreting: bool):
+    if interpreting:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+            for bm, bn, w in ((16, 64, 4), (64, 64, 4), (128, 64, 8))]
+
+
+def _dtheta_configs(interpreting: bool):
+    # The (KK_PAD, R_PAD) accumulator is small; a 128-pixel slice spilled with 8 warps.
+    if interpreting:
+        return [triton.Config({"BLOCK_P": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=4, num_stages=2) for bp in (32, 64)]
+
+
+def _per_thread_limit(named_args, pointer: str) -> int:
+    return 8 if named_args[pointer].dtype.itemsize >= 4 else 32
+
+
+def _prune_conv(configs, named_args, **kwargs):
+    limit = _per_thread_limit(named_args, "src_ptr")
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * kwargs["R_PAD"] <= limit * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+def _prune_up_add(configs, named_args, **kwargs):
+    limit = _per_thread_limit(named_args, "h_ptr")
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] * max(c.kwargs["BLOCK_N"], kwargs["R_PAD"]) <= limit * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+# Geometry arguments are not specialised (no divisibility hints, no "== 1"
+# variants): they only feed index arithmetic, and specialising them compiled a
+# kernel per Swin stage and window size on the GPU.
+_GEOMETRY = ["H", "W", "WH", "WW", "NW"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -62,10 +119,11 @@ def _conv_tile(src_ptr, theta_ptr, s, offs_n, mask_n, offs_c, mask_c, H, W, WH, 
     return acc, win, count
 
 
-@triton.jit
+@_launch.autotune(_up_add_configs, key=["R_PAD", "K", "COUT", "TOKENS"], prune=_prune_up_add)
+@triton.jit(do_not_specialize=["N", *_GEOMETRY])
 def _conv_up_add_kernel(
     h_ptr, theta_ptr, b_ptr, bias_ptr, base_ptr, out_ptr,
-    N, H, W, WH, WW, NW, R, COUT, BATCH, TASKS, M_TOTAL, BASE_TSTRIDE, ts0, ts1, scale,
+    N, H, W, WH, WW, NW, R, COUT, BATCH, TASKS, M_TOTAL, BASE_TSTRIDE, ts0, ts1, scale, TOKENS,
     K: tl.constexpr, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -106,8 +164,9 @@ def _conv_up_add_kernel(
                      (base.to(tl.float32) + upd).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _conv_kernel(src_ptr, theta_ptr, dp_ptr, out_ptr, N, H, W, WH, WW, NW, NWIN, R, ts0, ts1,
+@_launch.autotune(_conv_configs, key=["R_PAD", "K", "TOKENS"], prune=_prune_conv)
+@triton.jit(do_not_specialize=["N", *_GEOMETRY, "NWIN"])
+def _conv_kernel(src_ptr, theta_ptr, dp_ptr, out_ptr, N, H, W, WH, WW, NW, NWIN, R, ts0, ts1, TOKENS,
                  K: tl.constexpr, SIGN: tl.constexpr, HAS_DP: tl.constexpr, BLOCK_M: tl.constexpr,
                  R_PAD: tl.constexpr):
     """y = θ ⊛ src (SIGN = 1) or dh = θᵀ ⊛ grad (+ d_pooled / count) (SIGN = −1)."""
@@ -143,8 +202,10 @@ def _window_range(sw, part, CHUNK, H, W, WH, WW, NW, NWIN):
     return y0, y1, x0, x1, width, count, p_start, p_end
 
 
-@triton.jit
-def _dtheta_kernel(g_ptr, h_ptr, dt_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK,
+# dθ is added atomically: the autotuner zeroes it before each trial run.
+@_launch.autotune(_dtheta_configs, key=["R_PAD", "K", "TOKENS"], reset_to_zero=["dt_ptr"])
+@triton.jit(do_not_specialize=[*_GEOMETRY, "NWIN", "CHUNK"])
+def _dtheta_kernel(g_ptr, h_ptr, dt_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK, TOKENS,
                    K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, R_PAD: tl.constexpr):
     sw = tl.program_id(0)
     part = tl.program_id(1)
@@ -175,7 +236,9 @@ def _dtheta_kernel(g_ptr, h_ptr, dt_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK,
     tl.atomic_add(ptrs, acc, mask=(taps[:, None] < K * K) & mask_c[None, :])
 
 
-@triton.jit
+# The pool is one streaming read of h at a fixed 64-pixel slice: no tile
+# choice for an autotuner to make.
+@triton.jit(do_not_specialize=[*_GEOMETRY, "NWIN", "CHUNK"])
 def _gap_kernel(h_ptr, pooled_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK, BLOCK_P: tl.constexpr, R_PAD: tl.constexpr):
     sw = tl.program_id(0)
     part = tl.program_id(1)
@@ -197,8 +260,8 @@ def _gap_kernel(h_ptr, pooled_ptr, H, W, WH, WW, NW, NWIN, R, CHUNK, BLOCK_P: tl
 
 
 # ----------------------------------------------------------------------------- launchers
-def _block_m() -> int:
-    return 16 if _interpreting() else 64
+def _tokens_bucket(tokens: int) -> int:
+    return max(1024, min(1 << 20, triton.next_power_of_2(tokens)))
 
 
 def _dense_taps(theta: torch.Tensor) -> torch.Tensor:
@@ -222,16 +285,16 @@ def _reduction_grid(samples: int, g, device) -> tuple[int, int, int]:
         sms = _launch.sm_count(device)
         parts = max(1, min(-(-4 * sms // windows), pixels // 256 or 1))
     chunk = -(-pixels // parts)
-    return parts, chunk, 16 if _interpreting() else 64
+    return parts, chunk
 
 
 def gap(h: torch.Tensor, g) -> torch.Tensor:
     s, _, r = h.shape
     pooled = torch.zeros((s, g.n_windows, r), device=h.device, dtype=torch.float32)
-    parts, chunk, block_p = _reduction_grid(s, g, h.device)
+    parts, chunk = _reduction_grid(s, g, h.device)
     if h.numel():
         launch(_gap_kernel, (s * g.n_windows, parts), h, pooled, *_geo_args(g), g.n_windows, r, chunk,
-                                              BLOCK_P=block_p, R_PAD=_pow2(r, 2))
+               BLOCK_P=16 if _interpreting() else 64, R_PAD=_pow2(r, 2))
     return pooled.to(h.dtype)
 
 
@@ -239,11 +302,11 @@ def _conv(src, theta, g, k, sign, d_pooled=None):
     s, n, r = src.shape
     theta = _dense_taps(theta)
     out = torch.empty_like(src)
-    block_m = _block_m()
     if src.numel():
         launch(
-            _conv_kernel, (triton.cdiv(n, block_m), s), src, theta, d_pooled if d_pooled is not None else src, out, n, *_geo_args(g), g.n_windows, r,
-            theta.stride(0), theta.stride(1), K=k, SIGN=sign, HAS_DP=d_pooled is not None, BLOCK_M=block_m,
+            _conv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), s), src, theta,
+            d_pooled if d_pooled is not None else src, out, n, *_geo_args(g), g.n_windows, r,
+            theta.stride(0), theta.stride(1), _tokens_bucket(s * n), K=k, SIGN=sign, HAS_DP=d_pooled is not None,
             R_PAD=_pow2(r, 2))
     return out
 
@@ -259,11 +322,10 @@ def dwconv_dh(grad, theta, g, k, d_pooled=None):
 def dwconv_dtheta(grad, h, g, k):
     s, _, r = h.shape
     out = torch.zeros((s, g.n_windows, r, k * k), device=h.device, dtype=torch.float32)
-    parts, chunk, block_p = _reduction_grid(s, g, h.device)
+    parts, chunk = _reduction_grid(s, g, h.device)
     if h.numel():
-        launch(_dtheta_kernel, (s * g.n_windows, parts), grad.contiguous(), h.contiguous(), out, *_geo_args(g), g.n_windows,
-                                                 r, chunk, K=k, KK_PAD=_pow2(k * k, 2), BLOCK_P=block_p,
-                                                 R_PAD=_pow2(r, 2))
+        launch(_dtheta_kernel, (s * g.n_windows, parts), grad.contiguous(), h.contiguous(), out, *_geo_args(g),
+               g.n_windows, r, chunk, _tokens_bucket(s * g.tokens), K=k, KK_PAD=_pow2(k * k, 2), R_PAD=_pow2(r, 2))
     return out.to(h.dtype)
 
 
@@ -274,16 +336,14 @@ def conv_up_add(h, theta, g, k, lora_b, scale, base, bias, tasks, out):
     batch = m // n
     shared = samples == batch and bias is None
     theta = _dense_taps(theta)
-    block_m = 16 if _interpreting() else 64
-    block_n = 16 if _interpreting() else 64
     precision = "ieee" if h.dtype == torch.float32 else "tf32"
     if out.numel():
         launch(
-            _conv_up_add_kernel, (triton.cdiv(n, block_m), samples), h.contiguous(), theta, lora_b.contiguous(), bias if bias is not None else h, base, out,
+            _conv_up_add_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), samples), h.contiguous(), theta,
+            lora_b.contiguous(), bias if bias is not None else h, base, out,
             n, *_geo_args(g), r, cout, batch, tasks, m, m * cout if base.shape[0] > 1 else 0,
-            theta.stride(0), theta.stride(1), float(scale),
-            K=k, SHARED=shared, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=_pow2(r),
-            DOT_PRECISION=precision)
+            theta.stride(0), theta.stride(1), float(scale), _tokens_bucket(samples * n),
+            K=k, SHARED=shared, HAS_BIAS=bias is not None, R_PAD=_pow2(r), DOT_PRECISION=precision)
 
 
 
@@ -300,8 +360,6 @@ def compile_specs(g, samples: int, rank: int, dtype, *, kernel_size: int = 3, ta
     tasks; ``static_bias``: the static filter's per-task bias. Runs the
     launchers on meta tensors (see fastdense.kernels._launch).
     """
-    import torch
-
     meta = _launch.meta_tensor
     k = kernel_size
     n = g.tokens

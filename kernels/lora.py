@@ -26,40 +26,63 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdense._triton import interpreting as _interpreting
+from . import _launch
+from ._launch import launch
 
 
 # ----------------------------------------------------------------------------- configs
 # The interpreter runs every tile op in numpy, so one small config keeps tests
-# fast; on a GPU the autotuner picks per (M, N, K, G).
-def _fwd_configs():
-    if _interpreting():
+# fast; on a GPU the autotuner picks per (M_BUCKET, N, K, G). The raw token
+# count M is not in the key: every new batch size or resolution would re-tune.
+# M_BUCKET (an argument the kernels never read) is M rounded up to a power of
+# two, capped where every config has enough row blocks to fill the GPU.
+def _fwd_configs(interpreting: bool):
+    if interpreting:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
+    # A program holds the base tile and one adapter's fp32 LoRA tile at once:
+    # at most 32 elements of a (BLOCK_M, BLOCK_N) tile per thread keeps sm_90
+    # from spilling (64 per thread, e.g. 128 x 128 with 8 warps or 128 x 64
+    # with 4, spilled or sat at 255 registers).
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
-        (128, 128, 64, 3, 8),
-        (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
+        (128, 64, 64, 3, 8),
+        (64, 128, 64, 3, 8),
+        (128, 64, 32, 4, 8),
         (64, 64, 64, 3, 4),
-        (64, 64, 32, 5, 2),
+        (64, 64, 32, 4, 4),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
 
 
-def _bwd_configs():
-    if _interpreting():
+def _prune_fwd(configs, named_args, **kwargs):
+    # fp32 tiles take twice the registers: 128-row tiles spilled (ieee dots) on sm_90.
+    if named_args["x_ptr"].dtype.itemsize >= 4:
+        return [c for c in configs if c.kwargs["BLOCK_M"] < 128] or configs[-1:]
+    return configs
+
+
+def _bwd_configs(interpreting: bool):
+    if interpreting:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    # dh (BLOCK_M, BLOCK_R) accumulates while (BLOCK_M, BLOCK_N) gradient tiles
+    # stream by: 64 x 128 with 4 warps and 32 x 128 spilled on sm_90,
+    # 128 x 128 with 8 warps sat at 247 registers.
     shapes = [  # BLOCK_M, BLOCK_N, stages, warps
         (64, 64, 3, 4),
-        (64, 128, 3, 4),
         (128, 64, 3, 8),
-        (32, 128, 4, 4),
-        (128, 128, 3, 8),
+        (64, 128, 3, 8),
+        (32, 64, 4, 4),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
             for bm, bn, s, w in shapes]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    # At most 32 elements of the fp32 dh tile (BLOCK_M, BLOCK_R) per thread:
+    # wide ranks (BLOCK_R = 128) spilled 144 B with 64 rows and 4 warps.
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * kwargs["BLOCK_R"] <= 32 * 32 * c.num_warps]
+    return kept or configs[-1:]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -85,11 +108,11 @@ def _expand_tile(h_ptr, b_ptr, seg_ptr, rank_ptr, scale_ptr, adapter, rows, cols
     return lora * scale
 
 
-@triton.autotune(configs=_fwd_configs(), key=["M", "N", "K", "G"])
+@_launch.autotune(_fwd_configs, key=["M_BUCKET", "N", "K", "G"], prune=_prune_fwd)
 @triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, out_ptr, seg_ptr, rank_ptr, scale_ptr,
-    M, N, K, G,
+    M, N, K, G, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
     stride_og, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, SHARED_IN_TASKS: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -129,28 +152,42 @@ def _fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    # The base tile is kept in the output dtype across the adapter loop: the
+    # torch backend rounds x W0ᵀ + b (and the shared output) to it before adding
+    # a task's LoRA too, and for bf16/fp16 it takes half the registers of an
+    # fp32 tile next to each adapter's fp32 LoRA tile (the configs above keep
+    # both within 32 elements per thread).
+    base = acc.to(out_ptr.dtype.element_ty)
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    # The output tile's addresses are rebuilt for every store from the tile's
+    # corner (a 64-bit scalar) and 32-bit in-tile offsets: a (BLOCK_M, BLOCK_N)
+    # tile of 64-bit pointers kept across the adapter loop would cost two
+    # registers per element.
+    tile_out = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_om + (pid_n * BLOCK_N).to(tl.int64) * stride_on
+    in_tile_m = tl.arange(0, BLOCK_M)
+    in_tile_n = tl.arange(0, BLOCK_N)
     lora = _expand_tile(h_ptr, b_ptr, seg_ptr, rank_ptr, scale_ptr, 0, rows, cols, stride_hm, stride_hr,
                         stride_bn, stride_br, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
-    tl.store(out_ptrs, (acc + lora).to(out_ptr.dtype.element_ty), mask=out_mask)
+    out0 = (base.to(tl.float32) + lora).to(out_ptr.dtype.element_ty)
+    tl.store(tile_out + in_tile_m[:, None] * stride_om + in_tile_n[None, :] * stride_on, out0,
+             mask=mask_m[:, None] & mask_n[None, :])
     if SHARED_IN_TASKS:
-        acc += lora
+        base = out0
     for adapter in range(1, G):
         # Advancing the pointer (64-bit) rather than computing adapter *
         # stride_og keeps G * M * N > 2**31 from overflowing int32.
-        out_ptrs += stride_og
+        tile_out += stride_og
         lora = _expand_tile(h_ptr, b_ptr, seg_ptr, rank_ptr, scale_ptr, adapter, rows, cols, stride_hm,
                             stride_hr, stride_bn, stride_br, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
-        tl.store(out_ptrs, (acc + lora).to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(tile_out + in_tile_m[:, None] * stride_om + in_tile_n[None, :] * stride_on,
+                 (base.to(tl.float32) + lora).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=["M", "N", "G", "BLOCK_R"])
+@_launch.autotune(_bwd_configs, key=["M_BUCKET", "N", "G", "BLOCK_R"], prune=_prune_bwd)
 @triton.jit
 def _bwd_kernel(
     grad_ptr, b_ptr, gbase_ptr, dh_ptr, seg_ptr, rank_ptr, scale_ptr,
-    M, N, G, NUM_PROGRAMS_A, NUM_R_CHUNKS,
+    M, N, G, NUM_PROGRAMS_A, NUM_R_CHUNKS, M_BUCKET,
     stride_gg, stride_gm, stride_gn, stride_bn, stride_br, stride_pm, stride_pn, stride_dm, stride_dr,
     SHARED_IN_TASKS: tl.constexpr, WRITE_BASE: tl.constexpr, WRITE_DH: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -268,6 +305,12 @@ def _dot_precision(dtype) -> str:
     return "tf32"
 
 
+def _m_bucket(m: int) -> int:
+    # Past 16384 rows every config launches more than 128 row blocks (x the
+    # column blocks): the best one no longer depends on M.
+    return _pow2_clamp(m, 16, 16384)
+
+
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
@@ -316,9 +359,9 @@ def forward(x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tasks, x_l
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _fwd_kernel[grid](
-        x, weight, bias_arg, h, lora_b, out, seg, rank_t, scale_t,
-        m, n, k, g,
+    launch(
+        _fwd_kernel, grid, x, weight, bias_arg, h, lora_b, out, seg, rank_t, scale_t,
+        m, n, k, g, _m_bucket(m),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         HAS_BIAS=bias is not None, SHARED_IN_TASKS=bool(shared_in_tasks), BLOCK_R=_fwd_block_r(ranks),
@@ -359,9 +402,9 @@ def _grad_base_and_dh(grad, lora_b, ranks, scales, shared_in_tasks, need_base, n
     def grid(meta):
         return (n_adapters * n_chunks * triton.cdiv(m, meta["BLOCK_M"]),)
 
-    _bwd_kernel[grid](
-        grad, lora_b, base_arg, dh_arg, seg, rank_t, scale_t,
-        m, n, g, n_adapters, n_chunks,
+    launch(
+        _bwd_kernel, grid, grad, lora_b, base_arg, dh_arg, seg, rank_t, scale_t,
+        m, n, g, n_adapters, n_chunks, _m_bucket(m),
         grad.stride(0), grad.stride(1), grad.stride(2), lora_b.stride(0), lora_b.stride(1),
         base_arg.stride(0), base_arg.stride(1), dh_arg.stride(0), dh_arg.stride(1),
         SHARED_IN_TASKS=bool(shared_in_tasks), WRITE_BASE=write_base, WRITE_DH=need_dh,
@@ -421,3 +464,36 @@ def backward(grad, x, weight, bias, lora_a, lora_b, ranks, scales, shared_in_tas
     d_weight = torch.mm(grad_base.t(), x) if needs[1] else empty
     d_bias = grad_base.sum(0) if (needs[2] and bias is not None) else empty
     return d_x, d_weight, d_bias, d_lora_a, d_lora_b, d_x_lora, d_x_tasks
+
+
+def compile_specs(rows: int, in_features: int, out_features: int, ranks, dtype, *, bias: bool = True,
+                  shared_in_tasks: bool = False, task_inputs: bool = False, needs=(True,) * 7,
+                  forward_pass: bool = True) -> list:
+    """What one forward (+ backward when any of ``needs``) call would compile on a GPU.
+
+    ``ranks``: shared adapter first, then one per task; ``task_inputs``: each
+    task adapter reads its own input (x_tasks); ``needs``: the backward's
+    gradient flags (x, W, b, A, B, x_lora, x_tasks). Runs the launchers above
+    on meta tensors (see fastdense.kernels._launch).
+    """
+    meta = _launch.meta_tensor
+    ranks = [int(r) for r in ranks]
+    g = len(ranks)
+    x = meta(rows, in_features, dtype=dtype)
+    weight = meta(out_features, in_features, dtype=dtype)
+    b = meta(out_features, dtype=dtype) if bias else None
+    lora_a = meta(sum(ranks), in_features, dtype=dtype)
+    lora_b = meta(out_features, sum(ranks), dtype=dtype)
+    x_tasks = meta(g - 1, rows, in_features, dtype=dtype) if task_inputs else None
+    scales = [1.0] * g
+    with _launch.recording() as launches:
+        _, h = forward(x, weight, b, lora_a, lora_b, ranks, scales, shared_in_tasks, None, x_tasks)
+        if not forward_pass:
+            launches.clear()
+        if any(needs):
+            backward(meta(g, rows, out_features, dtype=dtype), x, weight, b, lora_a, lora_b, ranks, scales,
+                     shared_in_tasks, None, x_tasks, h, needs)
+    case = (f"lora M={rows} K={in_features} N={out_features} ranks={ranks} bias={int(bias)} "
+            f"shared_in_tasks={int(shared_in_tasks)} task_inputs={int(task_inputs)} "
+            f"needs={''.join(str(int(v)) for v in needs)}")
+    return _launch.specs(launches, case)

@@ -1,4 +1,4 @@
-"""Triton kernels of ``q_sample_multi`` (contract: fastdense/ops/timesteps.py).
+"""Triton kernels of ``q_sample_multi`` (contract: fastdense/ops/q_sample_multi.py).
 
 One launch each way. A program owns BLOCK columns of one sample b:
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdense._triton import interpreting as _interpreting
+from . import _launch
+from ._launch import interpreting as _interpreting
+from ._launch import launch
 
 
 @triton.jit
@@ -106,8 +108,8 @@ def forward(z0, noise, timesteps, alphas_cumprod, sample_major):
         return out
     block, warps = _launch_config(n)
     grid = (batch * triton.cdiv(n, block),)
-    _fwd_kernel[grid](z0, noise, timesteps, alphas_cumprod, out, batch, n, k, alphas_cumprod.shape[0],
-                      SHARED=noise.shape[0] == 1, SAMPLE_MAJOR=bool(sample_major), BLOCK=block, num_warps=warps)
+    launch(_fwd_kernel, grid, z0, noise, timesteps, alphas_cumprod, out, batch, n, k, alphas_cumprod.shape[0],
+           SHARED=noise.shape[0] == 1, SAMPLE_MAJOR=bool(sample_major), BLOCK=block, num_warps=warps)
     return out
 
 
@@ -125,9 +127,34 @@ def backward(grad, timesteps, alphas_cumprod, batch, sample_major, shared_noise,
         return d_z0.zero_(), d_noise.zero_()
     block, warps = _launch_config(n)
     grid = (batch * triton.cdiv(n, block),)
-    _bwd_kernel[grid](grad, timesteps, alphas_cumprod, d_z0 if need_z0 else grad, d_noise if need_noise else grad,
-                      batch, n, k, alphas_cumprod.shape[0], SHARED=bool(shared_noise),
-                      SAMPLE_MAJOR=bool(sample_major), NEED_Z0=need_z0, NEED_NOISE=need_noise,
-                      BLOCK=block, num_warps=warps)
+    launch(_bwd_kernel, grid, grad, timesteps, alphas_cumprod, d_z0 if need_z0 else grad,
+           d_noise if need_noise else grad, batch, n, k, alphas_cumprod.shape[0], SHARED=bool(shared_noise),
+           SAMPLE_MAJOR=bool(sample_major), NEED_Z0=need_z0, NEED_NOISE=need_noise, BLOCK=block, num_warps=warps)
     return d_z0, d_noise
 
+
+
+def compile_specs(batch: int, numel: int, steps: int, dtype, *, shared_noise: bool = False,
+                  sample_major: bool = False, needs=(True, True), num_timesteps: int = 1000,
+                  forward_pass: bool = True) -> list:
+    """What one forward + backward call would compile on a GPU (:class:`fastdense.kernels._launch.Spec`).
+
+    batch samples of ``numel`` elements each, ``steps`` timesteps drawn from a
+    schedule of ``num_timesteps``; runs the launchers above on meta tensors.
+    """
+    import torch
+
+    meta = _launch.meta_tensor
+    z0 = meta(batch, numel, dtype=dtype)
+    noise = meta(1 if shared_noise else steps, batch, numel, dtype=dtype)
+    timesteps = meta(steps, dtype=torch.int64)
+    alphas = meta(num_timesteps, dtype=torch.float32)
+    with _launch.recording() as launches:
+        if forward_pass:
+            forward(z0, noise, timesteps, alphas, sample_major)
+        if any(needs):
+            backward(meta(steps * batch, numel, dtype=dtype), timesteps, alphas, batch, sample_major,
+                     shared_noise, needs)
+    case = (f"q_sample_multi B={batch} n={numel} k={steps} {'shared' if shared_noise else 'per-step'}"
+            f"{' sample-major' if sample_major else ''} needs={tuple(int(v) for v in needs)}")
+    return _launch.specs(launches, case)

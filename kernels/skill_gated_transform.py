@@ -27,10 +27,70 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdense._triton import interpreting as _interpreting
+from . import _launch
+from ._launch import launch
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------- configs
+# One small config in the interpreter (every tile op is numpy work there). On
+# a GPU the autotuner picks the row tile BLOCK_N, the channel chunk BLOCK_C,
+# warps and stages per (rows bucket, C, BLOCK_R, BLOCK_M), among the configs
+# listed for the padded rank BLOCK_R below. A program keeps about eight
+# (BLOCK_N, BLOCK_R) fp32 tiles (h, dh, γ, β, z, GELU(z), dG, ...) and four
+# (BLOCK_R, BLOCK_M) ones live, so the row tile shrinks as the rank grows;
+# every listed config compiles without register spills for sm_90 in bf16.
+# The backward at BLOCK_R = 256 (Swin-T stage 4, R = 192) spilled a few dozen
+# bytes per thread at every config tried, so the op layer keeps R <= 128 here
+# (fastdense/ops/skill_gated_transform.py, TRITON_MAX_RANK); the 256 entries
+# serve the forward of a direct caller and the interpreter tests.
+_FWD_SHAPES = {  # BLOCK_R: [(BLOCK_N, BLOCK_C, warps, stages), ...]
+    32: [(64, 64, 4, 2), (32, 64, 4, 2)],
+    64: [(64, 64, 4, 2), (16, 64, 4, 2)],
+    128: [(32, 64, 8, 2), (16, 64, 4, 2)],
+    256: [(16, 32, 8, 1)],
+}
+_BWD_SHAPES = {
+    32: [(16, 32, 4, 2), (16, 32, 8, 2)],
+    64: [(16, 32, 8, 2), (32, 32, 8, 2)],
+    128: [(16, 32, 8, 2)],
+    256: [(16, 16, 8, 2)],
+}
+
+
+def _configs(table: dict, interpreting: bool):
+    if interpreting:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1)]
+    shapes = dict.fromkeys(shape for listed in table.values() for shape in listed)
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s) for bn, bc, w, s in shapes]
+
+
+def _fwd_configs(interpreting: bool):
+    return _configs(_FWD_SHAPES, interpreting)
+
+
+def _bwd_configs(interpreting: bool):
+    return _configs(_BWD_SHAPES, interpreting)
+
+
+def _pick(table: dict, configs, block_r: int):
+    # Ranks past the table (BLOCK_R > 256) get the smallest tiles.
+    wanted = set(table.get(block_r, table[max(table)]))
+    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages) in wanted]
+    return kept or configs[-1:]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    kept = _pick(_FWD_SHAPES, configs, kwargs["BLOCK_R"])
+    # fp32 tiles take twice the registers: the smallest listed config only.
+    return kept[-1:] if named_args["x_ptr"].dtype.itemsize >= 4 else kept
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    kept = _pick(_BWD_SHAPES, configs, kwargs["BLOCK_R"])
+    return kept[-1:] if named_args["x_ptr"].dtype.itemsize >= 4 else kept
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -72,9 +132,10 @@ def _gelu_grad(z):
 
 
 # ----------------------------------------------------------------------------- kernels
+@_launch.autotune(_fwd_configs, key=["N_BUCKET", "C", "BLOCK_R", "BLOCK_M"], prune=_prune_fwd)
 @triton.jit
 def _fwd_kernel(x_ptr, w_down_ptr, w_up_ptr, skills_ptr, w_gamma_ptr, w_beta_ptr, out_ptr, h_ptr,
-                N, C, R, M, T,
+                N, C, R, M, T, N_BUCKET,
                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -112,10 +173,14 @@ def _fwd_kernel(x_ptr, w_down_ptr, w_up_ptr, skills_ptr, w_gamma_ptr, w_beta_ptr
                      mask=row_mask[:, None] & c_mask[None, :])
 
 
+# The parameter gradients are atomically added shares: the autotuner zeroes
+# them before each trial run.
+@_launch.autotune(_bwd_configs, key=["N_BUCKET", "C", "BLOCK_R", "BLOCK_M"], prune=_prune_bwd,
+                  reset_to_zero=["dwd_ptr", "dwu_ptr", "dsk_ptr", "dwg_ptr", "dwb_ptr"])
 @triton.jit
 def _bwd_kernel(grad_ptr, x_ptr, w_down_ptr, w_up_ptr, skills_ptr, w_gamma_ptr, w_beta_ptr, h_ptr,
                 dx_ptr, dwd_ptr, dwu_ptr, dsk_ptr, dwg_ptr, dwb_ptr,
-                N, C, R, M, T,
+                N, C, R, M, T, N_BUCKET,
                 NEED_DX: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr, NEED_DSK: tl.constexpr,
                 NEED_DGATES: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -201,16 +266,18 @@ def _dot_precision(dtype) -> str:
     return "tf32"
 
 
-def _blocks(c: int, r: int, m: int) -> dict:
-    block_r = max(16, triton.next_power_of_2(r))
-    block_m = max(16, triton.next_power_of_2(m))
-    if _interpreting():
-        return dict(BLOCK_N=16, BLOCK_C=16 if c <= 16 else 32, BLOCK_R=block_r, BLOCK_M=block_m)
-    # About eight (BLOCK_N, BLOCK_R) fp32 tiles live at once (h, dh, γ, β, z,
-    # G, dG, ...): keep them within the register file of one program.
-    block_n = max(16, min(64, 4096 // block_r))
-    return dict(BLOCK_N=block_n, BLOCK_C=64, BLOCK_R=block_r, BLOCK_M=block_m,
-                num_warps=4 if block_r <= 64 else 8)
+def _blocks(r: int, m: int) -> dict:
+    """The padded rank and skill tiles (the row and channel tiles are autotuned)."""
+    return dict(BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_M=max(16, triton.next_power_of_2(m)))
+
+
+def _rows_bucket(n: int) -> int:
+    # Rows decide how many programs fill the GPU; past 32768 rows every config has enough.
+    return max(16, min(32768, triton.next_power_of_2(n)))
+
+
+def _grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
 
 
 def forward(x, w_down, w_up, skills, w_gamma, w_beta):
@@ -220,10 +287,8 @@ def forward(x, w_down, w_up, skills, w_gamma, w_beta):
     h = torch.empty((n, r), device=x.device, dtype=x.dtype)
     if n == 0:
         return out, h
-    meta = _blocks(c, r, m)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-    _fwd_kernel[grid](x, w_down, w_up, skills, w_gamma, w_beta, out, h, n, c, r, m, t,
-                      DOT_PRECISION=_dot_precision(x.dtype), **meta)
+    launch(_fwd_kernel, _grid(n), x, w_down, w_up, skills, w_gamma, w_beta, out, h, n, c, r, m, t,
+           _rows_bucket(n), DOT_PRECISION=_dot_precision(x.dtype), **_blocks(r, m))
     return out, h
 
 
@@ -241,16 +306,37 @@ def backward(grad, x, w_down, w_up, skills, w_gamma, w_beta, h, needs):
     dwg = torch.zeros((t, r, m), **f32) if need_gates else empty
     dwb = torch.zeros((t, r, m), **f32) if need_gates else empty
     if n > 0 and any(needs):
-        meta = _blocks(c, r, m)
-        grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-        _bwd_kernel[grid](grad, x, w_down, w_up, skills, w_gamma, w_beta, h, dx, dwd, dwu, dsk, dwg, dwb,
-                          n, c, r, m, t,
-                          NEED_DX=bool(needs[0]), NEED_DWD=bool(needs[1]), NEED_DWU=bool(needs[2]),
-                          NEED_DSK=bool(needs[3]), NEED_DGATES=bool(need_gates),
-                          DOT_PRECISION=_dot_precision(x.dtype), **meta)
+        launch(_bwd_kernel, _grid(n), grad, x, w_down, w_up, skills, w_gamma, w_beta, h, dx, dwd, dwu, dsk, dwg,
+               dwb, n, c, r, m, t, _rows_bucket(n),
+               NEED_DX=bool(needs[0]), NEED_DWD=bool(needs[1]), NEED_DWU=bool(needs[2]),
+               NEED_DSK=bool(needs[3]), NEED_DGATES=bool(need_gates),
+               DOT_PRECISION=_dot_precision(x.dtype), **_blocks(r, m))
 
     def cast(g, need):
         return g.to(x.dtype) if need else empty
 
     return (dx, cast(dwd, needs[1]), cast(dwu, needs[2]), cast(dsk, needs[3]), cast(dwg, needs[4]),
             cast(dwb, needs[5]))
+
+
+def compile_specs(rows: int, channels: int, rank: int, skills: int, tasks: int, dtype, *,
+                  needs=(True,) * 6, forward_pass: bool = True) -> list:
+    """What one forward (+ backward when any of ``needs``) call would compile on a GPU.
+
+    x (rows, channels), rank R, M = ``skills``, T = ``tasks``; ``needs``:
+    gradients of (x, W_d, W_u, S, W_γ, W_β). Runs the launchers above on meta
+    tensors (see fastdense.kernels._launch).
+    """
+    meta = _launch.meta_tensor
+    x = meta(rows, channels, dtype=dtype)
+    params = (meta(channels, rank, dtype=dtype), meta(rank, channels, dtype=dtype), meta(skills, rank, dtype=dtype),
+              meta(tasks, rank, skills, dtype=dtype), meta(tasks, rank, skills, dtype=dtype))
+    with _launch.recording() as launches:
+        _, h = forward(x, *params)
+        if not forward_pass:
+            launches.clear()
+        if any(needs):
+            backward(meta(tasks, rows, channels, dtype=dtype), x, *params, h, needs)
+    case = (f"skill N={rows} C={channels} R={rank} M={skills} T={tasks} "
+            f"needs={''.join(str(int(v)) for v in needs)}")
+    return _launch.specs(launches, case)
