@@ -18,28 +18,51 @@ ADAPT_DEFAULTS = {"fold": 0, "shots": 4, "runs": 3, "meta_steps": 60, "adapt_ste
                   "resolution": 64, "train_samples": 32, "test_samples": 16, "seed": 0}
 
 
+# The diffusion few-shot models and the engine function that runs their protocol; the
+# tiny token matcher (tiny_fewshot, the default) is meta-trained here, in run_adapt.
+PROTOCOLS = {
+    "concept_fewshot": ("fastdense.engine.fewshot_concept", "run_adapt_concept"),
+    "tts_token_matcher": ("fastdense.engine.fewshot_models", "run_adapt_tts"),
+}
+# Options of the tiny model's protocol alone: not forwarded to the diffusion models, whose
+# --queries-like settings mean something else (their own defaults apply).
+_TINY_ONLY = ("checkpoint", "fold", "meta_steps", "queries", "train_samples", "test_samples", "run_dir")
+
+
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that each model's protocol applies its own (ADAPT_DEFAULTS for
+    # the tiny model; the diffusion models' in fastdense.engine).
     d = ADAPT_DEFAULTS
+    p.add_argument("--model", default="tiny_fewshot",
+                   help="tiny_fewshot (default: meta-trained here on the synthetic scenes), "
+                        + ", ".join(PROTOCOLS) + " (Stable Diffusion features; tiny random networks "
+                        "without --sd-dir)")
     p.add_argument("--checkpoint", help="checkpoint.pt of an earlier `fastdense adapt --run-dir` meta-training; "
                                         "without it a tiny model is meta-trained first")
     p.add_argument("--fold", type=int, help=f"held-out fold 0-4 (default {d['fold']}, or the checkpoint's)")
-    p.add_argument("--shots", type=int, default=d["shots"], help=f"support images per run (default {d['shots']})")
-    p.add_argument("--runs", type=int, default=d["runs"], help=f"support sets to average over (default {d['runs']})")
-    p.add_argument("--adapt-steps", type=int, default=d["adapt_steps"],
-                   help=f"fine-tuning steps per support set; 0 evaluates without fine-tuning (default {d['adapt_steps']})")
-    p.add_argument("--meta-steps", type=int, default=d["meta_steps"],
+    p.add_argument("--shots", type=int, help=f"support images per run (default {d['shots']} for tiny_fewshot)")
+    p.add_argument("--runs", type=int, help=f"support sets to average over (default {d['runs']})")
+    p.add_argument("--adapt-steps", type=int,
+                   help=f"fine-tuning steps per support set; 0 evaluates without fine-tuning "
+                        f"(default {d['adapt_steps']} for tiny_fewshot)")
+    p.add_argument("--meta-steps", type=int,
                    help=f"meta-training episodes when no --checkpoint is given (default {d['meta_steps']})")
-    p.add_argument("--queries", type=int, default=d["queries"],
-                   help=f"query images per meta-training episode (default {d['queries']})")
+    p.add_argument("--queries", type=int, help=f"query images per meta-training episode (default {d['queries']})")
     # The data options only apply to a fresh meta-training; a checkpoint brings its own.
-    p.add_argument("--resolution", type=int, default=d["resolution"],
+    p.add_argument("--resolution", type=int,
                    help=f"image side, multiple of 4 in [64, 448] (default {d['resolution']})")
-    p.add_argument("--train-samples", type=int, default=d["train_samples"],
+    p.add_argument("--train-samples", type=int,
                    help=f"synthetic scenes for meta-training (default {d['train_samples']})")
-    p.add_argument("--test-samples", type=int, default=d["test_samples"],
+    p.add_argument("--test-samples", type=int,
                    help=f"other synthetic scenes the supports and queries of the held-out tasks come from "
                         f"(default {d['test_samples']})")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed of scenes, episodes and initialisation (default 0)")
+    p.add_argument("--data", choices=("synthetic", "taskonomy", "nyud"),
+                   help="data of the diffusion models' protocol (default synthetic)")
+    p.add_argument("--data-root", help="Taskonomy-tiny or NYUD folder (--data taskonomy/nyud)")
+    p.add_argument("--tasks", help="comma-separated tasks of the diffusion models' protocol (default: the data's)")
+    p.add_argument("--sd-dir", help="local Stable Diffusion folder (unet/, vae/, scheduler/) for the diffusion models")
+    p.add_argument("--clip-dir", help="local CLIP vision folder (concept_fewshot)")
+    p.add_argument("--seed", type=int, help="seed of scenes, episodes and initialisation (default 0)")
     p.add_argument("--run-dir", help="write log.jsonl and checkpoint.pt of the meta-training there")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -83,9 +106,40 @@ def _episodic_spec(ckpt: dict, path: str) -> tuple[dict, int, dict]:
     return spec, sampler["fold"], dict(data)
 
 
+def run_protocol(args: argparse.Namespace, out: TextIO | None = None) -> dict:
+    """The few-shot protocol of a diffusion model (PROTOCOLS), with the options the user gave."""
+    import importlib
+
+    module, function = PROTOCOLS[args.model]
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "command", "func")}
+    tiny = [k for k in _TINY_ONLY if k in given]
+    if tiny:
+        raise UsageError(f"--{tiny[0].replace('_', '-')} is an option of the tiny_fewshot protocol, "
+                         f"not of {args.model}'s")
+    run = getattr(importlib.import_module(module), function)
+    try:
+        return run(given, out)
+    except (ValueError, FileNotFoundError) as exc:  # bad settings, missing data or weights
+        raise UsageError(first_line(exc)) from None
+
+
 def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     """Meta-train (or load), then fine-tune and evaluate on the held-out fold; returns the results."""
     out = out if out is not None else sys.stdout
+    if getattr(args, "model", "tiny_fewshot") in PROTOCOLS:
+        return run_protocol(args, out)
+    if getattr(args, "model", "tiny_fewshot") != "tiny_fewshot":
+        raise UsageError(f"unknown few-shot model {args.model!r}; models: tiny_fewshot, {', '.join(PROTOCOLS)}")
+    extra = [k for k in ("data", "data_root", "tasks", "sd_dir", "clip_dir") if getattr(args, k, None) is not None]
+    if extra:
+        raise UsageError(f"--{extra[0].replace('_', '-')} is an option of the diffusion models' protocols, "
+                         "not of tiny_fewshot's (synthetic scenes)")
+    # Unset options take the tiny protocol's defaults (--fold stays unset: a checkpoint brings its own).
+    merged = dict(vars(args))
+    for key, value in ADAPT_DEFAULTS.items():
+        if merged.get(key) is None and key != "fold":
+            merged[key] = value
+    args = argparse.Namespace(**merged)
     import torch
 
     from fastdense.engine import load_checkpoint
@@ -179,8 +233,9 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     return summary
 
 
-@command("adapt", "few-shot: meta-train a tiny model on 4 folds of synthetic tasks (or load --checkpoint), "
-                  "fine-tune on N shots of the held-out fold's tasks and report mean ± std over R support sets",
+@command("adapt", "few-shot: meta-train a tiny model on 4 folds of synthetic tasks (or load --checkpoint), or run "
+                  "a diffusion model's protocol (--model); fine-tune on N shots and report mean ± std over R support "
+                  "sets",
          arguments=_adapt_arguments)
 def cmd_adapt(args: argparse.Namespace) -> int:
     try:

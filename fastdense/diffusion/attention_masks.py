@@ -289,7 +289,8 @@ class CrossAttentionTapProcessor:
                 scores = scores + attention_mask.to(dtype)
         m_ca = scores.softmax(dim=-1).mean(dim=1)
         m_ca = m_ca / m_ca.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(m_ca.dtype).tiny)
-        m_attn = attn_mask_aggregate(q_self, k_self, m_ca.to(q_self.dtype), scale_self)  # (B, L, N)
+        aggregate = getattr(tap.recorder, "aggregate", None) or attn_mask_aggregate
+        m_attn = aggregate(q_self, k_self, m_ca.to(q_self.dtype), scale_self)  # (B, L, N)
         if tap.recorded_in == tap.recorder._forward_id:
             # A second run of the block inside one U-Net forward: gradient
             # checkpointing recomputing it during the backward. The recomputation
@@ -318,6 +319,10 @@ class AttentionMaskRecorder:
             module-name prefixes (``"up_blocks.1.attentions.0.transformer_blocks.0"``,
             ``"up_blocks.3"``). Default: the paper's layers, see
             :func:`default_layer_indices` and the module docstring.
+        aggregate: the function computing M_saᵀ M_ca from ``(q, k, m_ca, scale)``;
+            default (None) the fused ``fastdense.ops.attn_mask_aggregate``. Pass
+            ``fastdense.ops.reference.attn_mask_aggregate`` for the materialised
+            reference (fidelity tests and memory baselines).
 
     The processors are installed on construction; ``remove()`` (or leaving a
     ``with`` block) puts the original processor objects back. After each
@@ -326,7 +331,9 @@ class AttentionMaskRecorder:
     the maps; :meth:`reset` frees them (and their autograd graphs).
     """
 
-    def __init__(self, unet: torch.nn.Module, layers: int | str | Sequence[int | str] | None = None):
+    def __init__(self, unet: torch.nn.Module, layers: int | str | Sequence[int | str] | None = None,
+                 aggregate: Callable | None = None):
+        self.aggregate = aggregate
         blocks = _blocks_in_forward_order(unet)
         if not blocks:
             raise ValueError("unet has no transformer blocks (BasicTransformerBlock) to record from")

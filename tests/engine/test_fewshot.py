@@ -250,3 +250,27 @@ def test_cli_bench_empty_selection_keeps_results(tmp_path):
     assert "no benchmarks matched -k 'no_such_benchmark_xyz'" in out.stderr
     assert json.loads(target.read_text()) == {"earlier": True}  # not clobbered by an empty run
     assert sorted(os.listdir(tmp_path)) == ["results.json"]      # no temporary file left behind
+
+
+def test_cli_adapt_runs_the_concept_model_protocol(capsys, tmp_path, one_torch_thread):
+    """`adapt --model concept_fewshot` runs fastdense.engine.fewshot_concept on tiny random networks."""
+    out_json = tmp_path / "concept.json"
+    code = cli.main(["adapt", "--model", "concept_fewshot", "--tasks", "depth_zbuffer", "--shots", "2", "--runs", "1",
+                     "--adapt-steps", "2", "--json", str(out_json), "--no-progress"])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    result = json.loads(out_json.read_text())
+    assert result["model"] == "concept_fewshot" and list(result["tasks"]) == ["depth_zbuffer"]
+    assert "depth_zbuffer" in text.out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["adapt", "--model", "concept_fewshot", "--meta-steps", "3"], "--meta-steps is an option of the tiny_fewshot"),
+    (["adapt", "--data", "taskonomy"], "--data is an option of the diffusion models' protocols"),
+    (["adapt", "--model", "vtm_large"], "unknown few-shot model 'vtm_large'"),
+    (["adapt", "--model", "concept_fewshot", "--data", "taskonomy"], "needs local weights"),
+])
+def test_cli_adapt_model_options_fail_with_one_line(capsys, argv, words):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
