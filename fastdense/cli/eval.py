@@ -15,12 +15,15 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per evaluation batch (default 16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--run-dir", help="if given, a prediction PNG is written there")
+    p.add_argument("--data", choices=("synthetic", "pascal", "nyud"),
+                   help="the data set the checkpoint was trained on (checked; default: the checkpoint's)")
     p.add_argument("--data-root", help="the data set's folder, if it moved since training (PASCAL-Context, NYUD)")
 
 
 EVAL_SCHEMA = {"checkpoint": checks.text, "val_samples": checks.optional(checks.positive),
                "batch_size": checks.positive, "device": checks.device,
-               "run_dir": checks.optional(checks.writable_dir), "data_root": checks.optional(checks.text)}
+               "run_dir": checks.optional(checks.writable_dir), "data_root": checks.optional(checks.text),
+               "data": checks.optional(checks.text)}
 
 # What `fastdense train` stores under config.spec.data, as the checks of its own options
 # (the synthetic scenes also store their validation seed, the real data sets their folder).
@@ -52,7 +55,7 @@ def _training_spec(ckpt: dict, path: str) -> dict:
 
 
 def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 16, device: str = "auto",
-             run_dir: str | None = None, data_root: str | None = None) -> dict:
+             run_dir: str | None = None, data_root: str | None = None, data: str | None = None) -> dict:
     from fastdense.cli._models import real_dataset
     from fastdense.data import SyntheticScenes
     from fastdense.engine import MultiTaskTrainer, TrainConfig, load_checkpoint, restore
@@ -60,7 +63,7 @@ def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 
     from fastdense.models import create_model
 
     checks.check_options({"checkpoint": checkpoint, "val_samples": val_samples, "batch_size": batch_size,
-                          "device": device, "run_dir": run_dir, "data_root": data_root}, EVAL_SCHEMA)
+                          "device": device, "run_dir": run_dir, "data_root": data_root, "data": data}, EVAL_SCHEMA)
     require_file(checkpoint, "checkpoint")
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -77,8 +80,10 @@ def run_eval(checkpoint: str, val_samples: int | None = None, batch_size: int = 
         restore(ckpt, model=model, rng=False)
     except CheckpointError as exc:  # the weights are another model's
         raise UsageError(f"{checkpoint}: {exc} (model {spec['model']!r}, tasks {tasks} of its run spec)") from None
+    dataset = spec["data"].get("dataset", "synthetic")
+    if data is not None and data != dataset:
+        raise UsageError(f"--data {data}: {checkpoint} was trained on {dataset}")
     data = spec["data"]
-    dataset = data.get("dataset", "synthetic")
     if dataset == "synthetic":
         n = val_samples if val_samples is not None else data["val_samples"]
         val_set = SyntheticScenes(n, data["resolution"], seed=data["val_seed"], tasks=tasks)
@@ -113,7 +118,7 @@ def pascal_delta_m(metrics: dict) -> float | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
         metrics = run_eval(args.checkpoint, args.val_samples, args.batch_size, args.device, args.run_dir,
-                           args.data_root)
+                           args.data_root, args.data)
     except UsageError as exc:
         return usage_error("eval", exc)
     print(f"checkpoint: {args.checkpoint}")

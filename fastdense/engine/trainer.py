@@ -154,33 +154,39 @@ _PALETTE = np.array([[0, 0, 0], [128, 96, 64], [160, 160, 200], [220, 60, 60], [
                     dtype=np.uint8)
 
 
-def _to_rgb(task: Optional[str], x: torch.Tensor, depth_max: float = 1.0) -> np.ndarray:
-    """One map (image, label or prediction) of one sample -> (H, W, 3) uint8."""
+def _to_rgb(kind: Optional[str], x: torch.Tensor, depth_max: float = 1.0) -> np.ndarray:
+    """One map (image, label or prediction) of one sample -> (H, W, 3) uint8; ``kind`` is the
+    task's prediction kind (fastdense.engine.tasks.TaskSpec.prediction), None for the image."""
     x = x.detach().float().cpu()
-    if task is None:  # the input image, (3, H, W) in [0, 1]
+    if kind is None:  # the input image, (3, H, W); ImageNet-normalised inputs are shown rescaled
+        if x.min() < 0 or x.max() > 1:
+            x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-6)
         a = x.permute(1, 2, 0).numpy()
-    elif task == "semseg":
-        ids = x.long().clamp(0, len(_PALETTE) - 1).numpy()
+    elif kind == "argmax":  # class ids; 255 (ignore) wraps into the palette
+        ids = x.long().remainder(len(_PALETTE)).reshape(x.shape[-2], x.shape[-1]).numpy()
         return _PALETTE[ids]
-    elif task == "normal":
+    elif kind == "unit":
         a = ((x + 1) / 2 * (x.norm(dim=0, keepdim=True) > 0)).permute(1, 2, 0).numpy()
-    elif task == "depth_euclidean":
-        a = np.repeat((x[0] / max(depth_max, 1e-6)).numpy()[..., None], 3, axis=2)
-    else:  # saliency
+    elif kind in ("clamp0", "identity"):  # depth
+        a = np.repeat((x.reshape(-1, *x.shape[-2:])[0] / max(depth_max, 1e-6)).numpy()[..., None], 3, axis=2)
+    else:  # probabilities (saliency, edges)
         a = np.repeat(x.reshape(x.shape[-2], x.shape[-1]).numpy()[..., None], 3, axis=2)
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def prediction_grid(batch: Mapping[str, torch.Tensor], preds: Mapping[str, torch.Tensor], tasks: Sequence[str],
-                    max_rows: int = 4, pad: int = 2) -> np.ndarray:
+                    max_rows: int = 4, pad: int = 2, dataset: Optional[str] = None) -> np.ndarray:
     """Rows: samples. Columns: input, then ground truth and prediction of each task."""
     rows = []
     n = min(max_rows, batch["image"].shape[0])
+    kinds = {t: task_spec(t, dataset if dataset is not None else dataset_of(tasks)).prediction for t in tasks}
     for i in range(n):
         cells = [_to_rgb(None, batch["image"][i])]
         for t in tasks:
-            dmax = float(batch[t][i].max()) if t == "depth_euclidean" else 1.0
-            cells += [_to_rgb(t, batch[t][i], dmax), _to_rgb(t, preds[t][i], dmax)]
+            valid = batch[t][i][batch[t][i] != L.IGNORE_INDEX]
+            depth = kinds[t] in ("clamp0", "identity") and valid.numel() > 0
+            dmax = float(valid.max()) if depth else 1.0
+            cells += [_to_rgb(kinds[t], batch[t][i], dmax), _to_rgb(kinds[t], preds[t][i], dmax)]
         h = cells[0].shape[0]
         sep = np.full((h, pad, 3), 255, np.uint8)
         rows.append(np.concatenate(sum(([c, sep] for c in cells), [])[:-1], axis=1))
@@ -385,7 +391,8 @@ class MultiTaskTrainer:
         self._log({"step": self.step, "eval": result})
         if save_png and first is not None and self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_png(self.run_dir / f"predictions_step{self.step}.png", prediction_grid(first[0], first[1], self.tasks))
+            write_png(self.run_dir / f"predictions_step{self.step}.png", prediction_grid(first[0], first[1], self.tasks,
+                                                                                    dataset=self.dataset))
         return result
 
 
