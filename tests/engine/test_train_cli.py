@@ -147,7 +147,7 @@ def test_demo_training_passes_and_writes_pngs(tmp_path):
     assert "metrics on 16 held-out scenes" in text
     rows = re.findall(r"^  (\w+)\s+(\S+) \*\s+([\d.]+)\s+([\d.]+)\s+(yes|no)$", text, re.M)
     assert {r[0] for r in rows} == {"semseg", "normal", "depth_euclidean", "saliency"}
-    for task, key, model, base, better in rows:
+    for _task, key, model, base, better in rows:
         lower = key in ("mean", "rmse")
         assert better == "yes" and (float(model) < float(base) if lower else float(model) > float(base))
     assert (tmp_path / "predictions_step40.png").is_file()
@@ -251,3 +251,27 @@ def test_model_and_data_options_fail_with_one_line(tmp_path, capsys, extra, word
     code = cli.main(["train", *TINY, "--run-dir", str(tmp_path / "r"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
+
+
+# The other two multi-task PEFT models through the same command line (tiny settings: the
+# models' own tests check that they learn; here the command trains, saves and evaluates them).
+SWIN_BODY = ["--model-arg", "embed_dim=16", "--model-arg", "depths=1,1,1,1", "--model-arg", "num_heads=1,1,2,2",
+             "--model-arg", "window_size=4"]
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("tadformer_swin_t", ["--model-arg", "rank=4", "--model-arg", "filter=dynamic"]),
+    ("tdss_swin_t", ["--model-arg", "tsai_dim=8", "--model-arg", "tsai_heads=1", "--model-arg", "synergy_layers=1"]),
+])
+def test_train_then_eval_tadformer_and_tdss(tmp_path, capsys, model, extra):
+    run = tmp_path / model
+    args = ["train", *TINY, "--model", model, *SWIN_BODY, *extra, "--tasks", "semseg,depth_euclidean",
+            "--run-dir", str(run)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    train_table = _table(capsys.readouterr().out)
+    spec = torch.load(run / "checkpoint.pt", weights_only=True)["config"]["spec"]
+    assert spec["model"] == model
+    assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt")]) == 0
+    eval_table = _table(capsys.readouterr().out)
+    for key, value in train_table.items():
+        assert eval_table[key] == pytest.approx(value, abs=1e-4), key
