@@ -18,15 +18,16 @@ ADAPT_DEFAULTS = {"fold": 0, "shots": 4, "runs": 3, "meta_steps": 60, "adapt_ste
                   "resolution": 64, "train_samples": 32, "test_samples": 16, "seed": 0}
 
 
-# The diffusion few-shot models and the engine function that runs their protocol; the
-# tiny token matcher (tiny_fewshot, the default) is meta-trained here, in run_adapt.
-PROTOCOLS = {
-    "concept_fewshot": ("fastdense.engine.fewshot_concept", "run_adapt_concept"),
-    "tts_token_matcher": ("fastdense.engine.fewshot_models", "run_adapt_tts"),
-}
-# Options of the tiny model's protocol alone: not forwarded to the diffusion models, whose
-# --queries-like settings mean something else (their own defaults apply).
+# Options of the tiny model's protocol (tiny_fewshot, meta-trained here in run_adapt) that
+# concept_fewshot has no use for: it is not meta-trained episodically (its own defaults apply).
 _TINY_ONLY = ("checkpoint", "fold", "meta_steps", "queries", "train_samples", "test_samples", "run_dir")
+# The diffusion few-shot models: the engine function that runs each one's protocol, and the
+# options of the tiny protocol it refuses. tts_token_matcher takes them all (VTM's protocol:
+# meta-training on four folds, then fine-tuning on the held-out one).
+PROTOCOLS = {
+    "concept_fewshot": ("fastdense.engine.fewshot_concept", "run_adapt_concept", _TINY_ONLY),
+    "tts_token_matcher": ("fastdense.engine.adapt_tts", "run_adapt_tts", ()),
+}
 
 
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,9 +111,10 @@ def run_protocol(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     """The few-shot protocol of a diffusion model (PROTOCOLS), with the options the user gave."""
     import importlib
 
-    module, function = PROTOCOLS[args.model]
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "command", "func")}
-    tiny = [k for k in _TINY_ONLY if k in given]
+    module, function, refused = PROTOCOLS[args.model]
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("model", "command", "func") and not k.startswith("_")}
+    tiny = [k for k in refused if k in given]
     if tiny:
         raise UsageError(f"--{tiny[0].replace('_', '-')} is an option of the tiny_fewshot protocol, "
                          f"not of {args.model}'s")

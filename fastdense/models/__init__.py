@@ -1,6 +1,7 @@
 """Models for multi-task dense prediction; build them by name with :func:`create_model`."""
 from fastdense.models import concept_fewshot as _concept_fewshot  # noqa: F401  (registers concept_fewshot)
 from fastdense.models import swin  # noqa: F401  (registers swin_t, swin_s, swin_b)
+from fastdense.models import tts_token_matcher as _tts_token_matcher  # noqa: F401  (registers tts_token_matcher)
 from fastdense.models.mtlora import MTLoRASwin, mtlora_swin_t  # registers mtlora_swin_t
 from fastdense.models.mtlora_checkpoint import convert_mtlora_checkpoint
 from fastdense.models.peft import ParameterReport, PEFTModel

@@ -22,10 +22,11 @@ few-shot head. One selection *round* (one run of Alg. 1) is
 
    * its feature at ``similarity_layer`` has cosine similarity < τ_sim to the
      feature of *every* kept timestep (line 12), and
-   * L(kept ∪ {t_new}) < L_ref (line 16), where L_ref is L_cur
-     (``accept_against="current"``, the default: a round never makes the loss
-     worse) or L(kept) = L_{t_r} (``accept_against="kept"``, the literal
-     reading of line 13, whose T_i is the set after removal).
+   * L(kept ∪ {t_new}) < L_ref (line 16), where L_ref is L(kept) = L_{t_r}
+     (``accept_against="kept"``, the default: Alg. 1 line 13 literally, whose
+     T_i is the set after the removal) or L_cur (``accept_against="current"``,
+     the stricter never-worse rule: a round never raises the loss of the set).
+     docs/paper-decisions.md, 'TTS acceptance rule', compares the two.
 
    The first accepted candidate completes the set; if none is accepted the
    round keeps T unchanged (t_r is *not* dropped) and records that.
@@ -131,7 +132,7 @@ FeatureSource = Callable[[Sequence[int]], Mapping[str, torch.Tensor]]
 LossFn = Callable[[Features, list[int]], torch.Tensor]
 BatchedLossFn = Callable[[Features, list[list[int]]], torch.Tensor]
 
-ACCEPT_AGAINST = ("current", "kept")
+ACCEPT_AGAINST = ("kept", "current")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -276,14 +277,15 @@ class TaskAwareTimestepSelector:
             touches the global RNGs and is reproducible.
         similarity_layer: feature layer for the similarity test; default the
             source's last layer (the last decoder block).
-        accept_against: 'current' (L(T)) or 'kept' (L(T \\ {t_r})), what a
-            candidate's loss must be lower than.
+        accept_against: what a candidate's loss must be lower than: 'kept'
+            (L(T \\ {t_r}), Alg. 1 line 13; the default) or 'current' (L(T);
+            a round never raises the loss).
         t_min: smallest timestep that may be drawn.
     """
 
     def __init__(self, k: int = 4, initial: Sequence[int] = (1, 100, 200, 300), t_max: int = 1000,
                  tau_sim: float = 0.9, n_iter: int | None = 10, max_candidates: int = 20, seed: int = 0,
-                 similarity_layer: str | None = None, *, accept_against: str = "current", t_min: int = 1) -> None:
+                 similarity_layer: str | None = None, *, accept_against: str = "kept", t_min: int = 1) -> None:
         for name, v in (("k", k), ("t_max", t_max), ("max_candidates", max_candidates)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -347,7 +349,8 @@ class TaskAwareTimestepSelector:
     def _fetch(source: FeatureSource, timesteps: list[int]) -> Features:
         feats = source(list(timesteps))
         if not isinstance(feats, Mapping) or not feats:
-            raise TypeError(f"source must return a non-empty dict {{layer: Tensor (B, k, ...)}}, got {type(feats).__name__}")
+            raise TypeError(f"source must return a non-empty dict {{layer: Tensor (B, k, ...)}}, "
+                            f"got {type(feats).__name__}")
         batch = None
         for name, f in feats.items():
             if not isinstance(f, torch.Tensor) or f.dim() < 2 or f.shape[1] != len(timesteps):
@@ -363,7 +366,8 @@ class TaskAwareTimestepSelector:
         if self.similarity_layer is None:
             return next(reversed(feats))
         if self.similarity_layer not in feats:
-            raise ValueError(f"similarity_layer {self.similarity_layer!r} is not among the source's layers {list(feats)}")
+            raise ValueError(f"similarity_layer {self.similarity_layer!r} is not among the source's layers "
+                             f"{list(feats)}")
         return self.similarity_layer
 
     # ------------------------------------------------------------------ losses

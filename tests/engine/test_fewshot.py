@@ -123,7 +123,7 @@ def test_evaluate_mean_std_runs_and_determinism(sampler):
     weights = _state(trainer.model)
     res = trainer.evaluate(runs=3, shots=2, adapt_steps=2, seed=7)
     assert list(res) == list(sampler.test_tasks)
-    for task, metrics in res.items():
+    for _task, metrics in res.items():
         assert set(metrics) == {"l1", "rmse"}
         for r in metrics.values():
             assert isinstance(r, RepeatedResult) and r.runs == 3
@@ -190,7 +190,7 @@ def test_cli_adapt_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["fold"] == 4 and summary["runs"] == 2 and summary["meta_steps"] == 10
     assert set(summary["tasks"]) == {"saliency", "normal"}
-    for task, metrics in summary["tasks"].items():
+    for _task, metrics in summary["tasks"].items():
         r = metrics["l1"]
         assert len(r["values"]) == 2 and r["mean"] == pytest.approx(sum(r["values"]) / 2)
         assert f"l1 {r['mean']:.4f} ± {r['std']:.4f}" in out.stdout
@@ -264,11 +264,31 @@ def test_cli_adapt_runs_the_concept_model_protocol(capsys, tmp_path, one_torch_t
     assert "depth_zbuffer" in text.out
 
 
+def test_cli_adapt_runs_the_token_matcher_protocol(capsys, tmp_path, one_torch_thread):
+    """`adapt --model tts_token_matcher` runs VTM's protocol with TTS (fastdense.engine.adapt_tts):
+    meta-training on four folds, fine-tuning on the held-out one; the tiny protocol's options
+    (--fold, --meta-steps, --run-dir, ...) are its own too."""
+    out_json = tmp_path / "tts.json"
+    code = cli.main(["adapt", "--model", "tts_token_matcher", "--fold", "4", "--tasks", "normal", "--shots", "2",
+                     "--runs", "1", "--adapt-steps", "1", "--meta-steps", "2", "--queries", "1",
+                     "--train-samples", "6", "--test-samples", "4", "--run-dir", str(tmp_path / "run"),
+                     "--json", str(out_json), "--no-progress"])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    result = json.loads(out_json.read_text())
+    assert result["test_tasks"] == ["normal"] and result["meta_steps"] == 2 and len(result["meta_timesteps"]) == 4
+    assert set(result["tasks"]["normal"]) == {"merr", "l1"}
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "normal" in text.out
+
+
 @pytest.mark.parametrize("argv, words", [
     (["adapt", "--model", "concept_fewshot", "--meta-steps", "3"], "--meta-steps is an option of the tiny_fewshot"),
     (["adapt", "--data", "taskonomy"], "--data is an option of the diffusion models' protocols"),
     (["adapt", "--model", "vtm_large"], "unknown few-shot model 'vtm_large'"),
     (["adapt", "--model", "concept_fewshot", "--data", "taskonomy"], "needs local weights"),
+    (["adapt", "--model", "tts_token_matcher", "--data", "taskonomy"], "needs data_root"),
+    (["adapt", "--model", "tts_token_matcher", "--shots", "0"], "shots must be an integer >= 1"),
 ])
 def test_cli_adapt_model_options_fail_with_one_line(capsys, argv, words):
     assert cli.main(argv) == 2
