@@ -1,5 +1,5 @@
 # fastdense: set-up from a bare machine, then the README's commands.
-#   make test   compile-check CUDA sources (if nvcc), build, run the test suite
+#   make test   compile-check CUDA sources (if nvcc), build, lint (ruff), run the test suite
 #   make demo   build, then `python -m fastdense demo`
 #   make bench  build, then the pytest-benchmark suites (JSON in bench/results/)
 #   make cuda-build  on a CPU-only machine: build fastdense._C with its CUDA kernels against
@@ -104,6 +104,7 @@ gpu-check:
 	GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_CHECK_PY) tools/gpu_check.py
 
 test: cuda-check install
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q
 
 demo: install

@@ -48,7 +48,8 @@ class Shape:
 
     @property
     def id(self) -> str:
-        return f"B{self.batch}-{self.channels}x{self.side}x{self.side}-k{len(TIMESTEPS)}-{'shared' if self.shared else 'per-step'}"
+        return (f"B{self.batch}-{self.channels}x{self.side}x{self.side}-k{len(TIMESTEPS)}-"
+                f"{'shared' if self.shared else 'per-step'}")
 
 
 SHAPES = [Shape(b, shared) for b in (1, 2, 8) for shared in (False, True)]

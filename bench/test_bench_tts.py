@@ -113,7 +113,8 @@ def _setup(device, dtype, cfg):
     cond = torch.randn(1, 77, cfg["cross_dim"], generator=g).to(device, dtype)
     labels = torch.rand(cfg["batch"], 3, 8 * cfg["latent"], 8 * cfg["latent"], generator=g).to(device, dtype)
     n_up = len(unet.up_blocks)
-    extractor = MultiTimestepFeatures(unet, timesteps=INITIAL, layers=[f"up_blocks.{n_up - 2}", f"up_blocks.{n_up - 1}"],
+    extractor = MultiTimestepFeatures(unet, timesteps=INITIAL,
+                                      layers=[f"up_blocks.{n_up - 2}", f"up_blocks.{n_up - 1}"],
                                       conditioning=cond).to(device)
     # Latents (no VAE): the cache encodes nothing and draws one ε from its seed.
     cache = TimestepFeatureCache(extractor, latents, seed=0)

@@ -152,7 +152,8 @@ def test_demo_checks_every_available_backend_and_times_them(user_report):
     for op in ("attn_mask_aggregate", "ta_lora_dtf", "skill_gated_transform", "q_sample_multi"):
         for name, reasons in user_report[op].items():
             if name in _dispatch.PRIORITY[device_type] and not reasons:
-                assert re.search(rf"^    {op}\s+{name}\s+PASS  worst of forward and \d+ gradients: \S+ (\S+) \(tol (\S+)\)",
+                assert re.search(rf"^    {op}\s+{name}\s+PASS  worst of forward and \d+ gradients: "
+                                 rf"\S+ (\S+) \(tol (\S+)\)",
                                  out, re.M), f"no PASS line for {op} {name}:\n{out}"
     assert re.search(rf"demo: PASS \({len(expected_run)} backend\(s\) match the reference; other ops: \d+ op-backend "
                      r"pairs match\)$", out.rstrip())

@@ -163,7 +163,8 @@ def check_cubins(so: str, objects: dict[str, str], arch_list: str) -> None:
     print(f"  {os.path.basename(so)}: {len(in_so)} cubins {sorted(set(in_so))}")
     print("  " + run(cuobjdump, "--list-elf", so).strip().replace("\n", "\n  "))
     if set(in_so) != want or len(in_so) != total:
-        fail(f"the .so holds {len(in_so)} cubins for {sorted(set(in_so))}; the .cu objects hold {total} for {sorted(want)}")
+        fail(f"the .so holds {len(in_so)} cubins for {sorted(set(in_so))}; "
+             f"the .cu objects hold {total} for {sorted(want)}")
     try:
         ptx = run(cuobjdump, "--list-ptx", so).strip()
     except subprocess.CalledProcessError:
@@ -217,7 +218,8 @@ def check_import(so: str, cuda: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("so", help="the built extension, e.g. build/cuda-cp312/fastdense/_C.cpython-312-x86_64-linux-gnu.so")
+    parser.add_argument("so", help="the built extension, e.g. "
+                                   "build/cuda-cp312/fastdense/_C.cpython-312-x86_64-linux-gnu.so")
     parser.add_argument("--build-temp", required=True, help="the --build-temp of the build (holds build.ninja)")
     parser.add_argument("--arch-list", default="9.0", help="the TORCH_CUDA_ARCH_LIST of the build")
     parser.add_argument("--cuda", default="13.0", help="the CUDA version torch must have been built with")

@@ -23,7 +23,8 @@ def load_config_file(path: str, known: Collection[str]) -> dict:
         try:
             import yaml
         except ImportError:
-            raise UsageError(f"{path}: YAML configs need PyYAML (pip install pyyaml); or write the config as JSON")
+            raise UsageError(f"{path}: YAML configs need PyYAML (pip install pyyaml); "
+                             "or write the config as JSON") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -33,7 +34,7 @@ def load_config_file(path: str, known: Collection[str]) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: invalid JSON: {exc}")
+            raise UsageError(f"{path}: invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: the config must be a mapping of option names to values")
     odd = [k for k in data if not isinstance(k, str)]

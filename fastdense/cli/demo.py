@@ -41,7 +41,8 @@ DEMO_SCHEMA = {"device": checks.device, "time_budget": checks.number(0), "resolu
 
 
 @command("demo", "print info, check and time every available backend of the multi-task LoRA op, "
-                 "check every other op's backends, then train the tiny multi-task model briefly and compare it with a trivial baseline",
+                 "check every other op's backends, then train the tiny multi-task model briefly "
+                 "and compare it with a trivial baseline",
          arguments=_demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
     steps = args.train_steps

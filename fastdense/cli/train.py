@@ -46,7 +46,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help=f"image side, multiple of 4 in [64, 448] (default {d['resolution']})")
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {d['lr']})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
-    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before the cosine (default {d['warmup_steps']})")
+    p.add_argument("--warmup-steps", type=int,
+                   help=f"linear warm-up steps before the cosine (default {d['warmup_steps']})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
     p.add_argument("--clip-grad", type=float, help="max gradient norm, 0 disables (default 1.0)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps; 0: only at the end (default 0)")
@@ -169,7 +170,7 @@ def run_train(opts: dict, out: TextIO | None = None) -> dict:
         trainer = MultiTaskTrainer(model, tasks, train_set, val_set, config=cfg, loss_weights=loss_weights,
                                    run_dir=opts["run_dir"], device=device, run_spec=spec, dataset=opts["data"])
     except ValueError as exc:
-        raise UsageError(str(exc))
+        raise UsageError(str(exc)) from None
     if opts["resume"]:
         try:
             step = trainer.resume(opts["resume"])

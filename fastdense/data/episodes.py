@@ -221,7 +221,8 @@ class EpisodeSampler:
         else:
             r = _resolve(task, tasks)
             if r is None:
-                raise ValueError(f"task {task!r} is not a {split} task of fold {self.fold}; {split} tasks: {list(tasks)}")
+                raise ValueError(f"task {task!r} is not a {split} task of fold {self.fold}; "
+                                 f"{split} tasks: {list(tasks)}")
             task = r
         return Episode(task, support, query, split, int(index))
 

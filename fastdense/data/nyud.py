@@ -109,7 +109,8 @@ class NYUDMT(Dataset):
         return sample
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, tasks={list(self.tasks)}, n={len(self)})"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+                f"tasks={list(self.tasks)}, n={len(self)})")
 
 
 def _squeeze_channel(a: np.ndarray, path) -> np.ndarray:

@@ -36,7 +36,8 @@ def _field(record, name: str, path: Path):
         return record[name]
     except (ValueError, KeyError, IndexError, TypeError):
         raise _io.CorruptFileError(f"human-parts file {path}: struct has no field {name!r} "
-                                   f"(expected Pascal-Part 'anno' with objects(class_ind, mask, parts(part_name, mask)))",
+                                   f"(expected Pascal-Part 'anno' with objects(class_ind, mask, "
+                                   f"parts(part_name, mask)))",
                                    path) from None
 
 
@@ -202,7 +203,7 @@ class PascalContextMT(Dataset):
             folders["normals"] = (r / "normals_distill", ".png", "normals folder")
         if "edge" in self.tasks or ("normals" in self.tasks and self.normals_valid_classes is not None):
             folders["labelmap"] = (r / "pascal-context" / "trainval", ".mat", "PASCAL-Context LabelMap folder")
-        for key, (folder, ext, what) in folders.items():
+        for _key, (folder, ext, what) in folders.items():
             present = _io.stems_in(_io.require_dir(folder, what), ext)
             _io.report_missing((folder / f"{i}{ext}" for i in self.ids if i not in present),
                                f"{what[:-len(' folder')]} file(s) of split {self.split!r}")
@@ -288,7 +289,8 @@ class PascalContextMT(Dataset):
         return sample
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, tasks={list(self.tasks)}, n={len(self)})"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+                f"tasks={list(self.tasks)}, n={len(self)})")
 
 
 def _first_mask_shape(anno):

@@ -67,7 +67,7 @@ def _size2(size) -> tuple:
 def _spatial(sample: Mapping) -> tuple:
     if "image" in sample:
         return tuple(sample["image"].shape[-2:])
-    for k, v in sample.items():
+    for _k, v in sample.items():
         if isinstance(v, Tensor) and v.dim() >= 2:
             return tuple(v.shape[-2:])
     raise ValueError("sample has no image or label tensor to take the size from")

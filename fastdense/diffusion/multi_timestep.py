@@ -51,7 +51,8 @@ NOISE_MODES = ("shared", "per_timestep")
 LATENT_MODES = ("mean", "sample")
 
 
-def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> torch.Tensor:
     """ᾱ_t of Stable Diffusion's training schedule ("scaled_linear" betas, 1000
     steps): the schedule diffusers' ``DDPMScheduler`` builds from SD's
     scheduler config. Returns (num_train_timesteps,) float32."""
@@ -70,7 +71,8 @@ def _alphas_cumprod_from(scheduler) -> torch.Tensor:
         )
     abar = torch.as_tensor(abar).detach()
     if abar.dim() != 1 or not abar.is_floating_point() or abar.numel() == 0:
-        raise ValueError(f"alphas_cumprod must be a non-empty 1-D float tensor (T_train,), got shape {tuple(abar.shape)} "
+        raise ValueError(f"alphas_cumprod must be a non-empty 1-D float tensor (T_train,), "
+                         f"got shape {tuple(abar.shape)} "
                          f"dtype {abar.dtype}")
     if not bool(((abar > 0) & (abar <= 1)).all()):
         raise ValueError("alphas_cumprod values must lie in (0, 1]")
@@ -259,7 +261,8 @@ class MultiTimestepFeatures(nn.Module):
         if conditioning is None:
             conditioning = torch.zeros(1, DEFAULT_CONTEXT_LENGTH, dim)
         if not isinstance(conditioning, torch.Tensor):
-            raise TypeError(f"conditioning must be a tensor (1, n, {dim}) or (n, {dim}), got {type(conditioning).__name__}")
+            raise TypeError(f"conditioning must be a tensor (1, n, {dim}) or (n, {dim}), "
+                            f"got {type(conditioning).__name__}")
         shape = tuple(conditioning.shape)
         ok = (len(shape) == 3 and shape[0] == 1 or len(shape) == 2) and shape[-1] == dim and shape[-2] > 0
         if not ok or not conditioning.is_floating_point():

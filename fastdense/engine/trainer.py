@@ -71,7 +71,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases, norms and 1-D parameters get no weight decay."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 else decay).append(p)
@@ -311,7 +311,8 @@ class MultiTaskTrainer:
             batch = self._batch(indices[m * micro:(m + 1) * micro], self.train_set)
             last = m == cfg.grad_accum - 1
             # Without no_sync DDP would all-reduce after every micro-batch instead of once per step.
-            sync = self.ddp_model.no_sync() if (not last and self.ddp_model is not self.model) else contextlib.nullcontext()
+            sync = (self.ddp_model.no_sync() if (not last and self.ddp_model is not self.model)
+                    else contextlib.nullcontext())
             with sync:
                 with self._autocast():
                     outputs = self.ddp_model(batch["image"])

@@ -81,7 +81,8 @@ class NormalsError(Metric):
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> None:
         if pred.shape != target.shape or pred.dim() < 2 or pred.shape[1] != 3:
-            raise ValueError(f"pred and target must both be (B, 3, ...), got {tuple(pred.shape)}, {tuple(target.shape)}")
+            raise ValueError(f"pred and target must both be (B, 3, ...), got {tuple(pred.shape)}, "
+                             f"{tuple(target.shape)}")
         self._ensure_device(target.device)
         valid = target.norm(dim=1) > 0
         if self.ignore_value is not None:
@@ -92,7 +93,8 @@ class NormalsError(Metric):
             valid &= mask.bool()
         ang = self.angles(pred, target)[valid].double()
         bins = (ang / self.bin_width).floor().long().clamp_(0, self.num_bins - 1)
-        within = torch.stack([(ang < t).sum() for t in self.within]) if self.within else torch.zeros(0, dtype=torch.int64)
+        within = (torch.stack([(ang < t).sum() for t in self.within]) if self.within
+                  else torch.zeros(0, dtype=torch.int64))
         self._accumulate(
             count=torch.tensor(ang.numel()),
             sum_angle=ang.sum(),

@@ -90,7 +90,8 @@ class SaliencyMetrics(Metric):
         tp, fp = above[:, 1], above[:, 0]
         fn = n_fg - tp
         union = tp + fp + fn
-        jac = torch.where(union > 0, tp.double() / union.clamp(min=1).double(), torch.ones_like(tp, dtype=torch.float64))
+        jac = torch.where(union > 0, tp.double() / union.clamp(min=1).double(),
+                          torch.ones_like(tp, dtype=torch.float64))
 
         above_f = count_above(pv, self.f_thresholds, inclusive=True, groups=fgv, num_groups=2)
         n_fg_all = n_fg.sum()

@@ -111,7 +111,7 @@ def inject_lora(
             raise ValueError(f"{name!r} is an uninitialised nn.LazyLinear; run a forward pass first")
 
     replacement = {}
-    for name, linear in chosen:
+    for _name, linear in chosen:
         if tasks is None:
             new = LoRALinear.from_linear(linear, r, alpha, dropout, adapter_name=adapter_name,
                                          freeze_base=freeze_base)

@@ -307,7 +307,7 @@ def _tk_name(building, k):
 def taskonomy_root(tmp_path):
     root = tmp_path / "tiny_merged"
     rng = _rng(0)
-    for b_i, building in enumerate(("allensville", "ihlen")):
+    for _b_i, building in enumerate(("allensville", "ihlen")):
         for k in range(2):
             name = _tk_name(building, k)
             _png(root / "rgb" / name, rng.integers(0, 256, (S, S, 3), dtype=np.uint8))
@@ -344,7 +344,8 @@ def test_taskonomy_label_encodings_and_masks(taskonomy_root):
     exp = (np.log1p(d) / np.log(2.0 ** 16)).astype(np.float32)
     assert torch.equal(s["depth_euclidean"][0], torch.from_numpy(exp[c, c]))
     dz = _raw(taskonomy_root, "depth_zbuffer", name)
-    assert torch.equal(s["depth_zbuffer"][0], torch.from_numpy((np.log1p(dz) / np.log(2.0 ** 16)).astype(np.float32)[c, c]))
+    assert torch.equal(s["depth_zbuffer"][0],
+                       torch.from_numpy((np.log1p(dz) / np.log(2.0 ** 16)).astype(np.float32)[c, c]))
     valid = d < 64500
     for t in ("depth_euclidean", "depth_zbuffer", "edge_occlusion", "keypoints3d", "principal_curvature"):
         assert torch.equal(s["mask"][t][0], torch.from_numpy(valid[c, c])), t
@@ -352,7 +353,8 @@ def test_taskonomy_label_encodings_and_masks(taskonomy_root):
     for t in ("segment_semantic", "normal", "edge_texture", "keypoints2d", "reshading"):
         assert bool(s["mask"][t].all()), t
     for t in ("edge_texture", "edge_occlusion", "keypoints3d"):
-        assert torch.equal(s[t][0], torch.from_numpy((_raw(taskonomy_root, t, name) / 2 ** 16).astype(np.float32)[c, c]))
+        assert torch.equal(s[t][0],
+                           torch.from_numpy((_raw(taskonomy_root, t, name) / 2 ** 16).astype(np.float32)[c, c]))
     k2 = np.clip(_raw(taskonomy_root, "keypoints2d", name) / 2 ** 16, 0, 0.005) / 0.005
     assert torch.equal(s["keypoints2d"][0], torch.from_numpy(k2.astype(np.float32)[c, c]))
     n = _raw(taskonomy_root, "normal", name) / 255
@@ -362,7 +364,8 @@ def test_taskonomy_label_encodings_and_masks(taskonomy_root):
     assert torch.equal(s["reshading"][0], torch.from_numpy(rs.astype(np.float32)[c, c]))
     pc = _raw(taskonomy_root, "principal_curvature", name)[..., :2] / 255
     assert s["principal_curvature"].shape == (2, S - 2, S - 2)
-    assert torch.equal(s["principal_curvature"], torch.from_numpy(pc.astype(np.float32).transpose(2, 0, 1)[:, c, c].copy()))
+    assert torch.equal(s["principal_curvature"],
+                       torch.from_numpy(pc.astype(np.float32).transpose(2, 0, 1)[:, c, c].copy()))
 
 
 def test_taskonomy_buildings_splits_resize_and_random_crop(taskonomy_root):

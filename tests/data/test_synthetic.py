@@ -355,7 +355,7 @@ def test_occlusion_edges_are_depth_discontinuities(ds, samples):
 def test_occlusion_edges_outline_objects(ds, samples):
     """The silhouette of a sphere against a far background is an occlusion edge."""
     found = 0
-    for i, s in enumerate(map(np_sample, samples)):
+    for _i, s in enumerate(map(np_sample, samples)):
         seg, edge = s["semseg"], s["edge_occlusion"][0] == 1
         sphere = seg == CLS["sphere"]
         # Sphere pixels whose right neighbour is sky or a wall (walls are metres away).

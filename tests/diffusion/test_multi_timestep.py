@@ -349,7 +349,7 @@ def test_gpu_bf16_equals_sequential_passes():
     fp32 = sequential_features(tiny_unet().to(device), latents, ext.timesteps, noise, ext.layers,
                                cond=torch.zeros(1, 77, CROSS_DIM, device=device))
     seq_bf16 = {}
-    for i, t in enumerate(ext.timesteps):
+    for _i, t in enumerate(ext.timesteps):
         one = ext(latents, timesteps=[t], noise=noise)
         for name in ext.layers:
             seq_bf16.setdefault(name, []).append(one[name])

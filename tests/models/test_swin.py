@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastdense.models.swin import SwinTransformer, drop_path, relative_position_index, swin_b, swin_s, swin_t
 from fastdense.models.swin_checkpoint import LoadReport, convert_microsoft_swin, load_pretrained

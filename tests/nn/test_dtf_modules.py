@@ -228,7 +228,7 @@ def test_bad_arguments():
 
 
 def test_lora_parameters_and_mark_only_lora_trainable_see_the_ta_module():
-    from fastdense.nn import lora_parameters, mark_only_lora_trainable
+    from fastdense.nn import mark_only_lora_trainable
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), TaskAwareLoRALinear(torch.nn.Linear(8, 12), rank=4, tasks=3))
     mark_only_lora_trainable(model)

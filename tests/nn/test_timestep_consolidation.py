@@ -249,7 +249,8 @@ def test_plain_vectorised_reference_matches_loop_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine: pytest -m gpu)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (runs on the GPU machine: pytest -m gpu)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_low_precision_error_within_twice_the_reference_error(dtype):
     """flash-attn's rule: error vs an fp32 reference ≤ 2× that of the reference run in ``dtype``."""

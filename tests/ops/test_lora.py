@@ -127,7 +127,8 @@ def test_single_lora_is_the_shared_output():
     case = CASES[0]
     i = make_inputs(case)
     y = lora_linear(i["x"], i["weight"], i["bias"], i["lora_a"], i["lora_b"], 0.5)
-    expected = torch.nn.functional.linear(i["x"], i["weight"], i["bias"]) + 0.5 * i["x"] @ i["lora_a"].t() @ i["lora_b"].t()
+    expected = (torch.nn.functional.linear(i["x"], i["weight"], i["bias"])
+                + 0.5 * i["x"] @ i["lora_a"].t() @ i["lora_b"].t())
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
