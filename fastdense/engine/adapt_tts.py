@@ -44,8 +44,8 @@ class TTSAdaptOptions:
     tasks: Optional[Sequence[str]] = None  # held-out tasks to evaluate (None: all of the fold; "a,b" works)
     shots: int = 10                      # support images per fine-tuning run
     runs: int = 5                        # support draws R (mean ± std over them)
-    adapt_steps: int = 20                # fine-tuning steps per run
-    adapt_lr: float = 1e-2               # fine-tuning peak rate (VTM: 5e-3, but over 20k steps, not 20)
+    adapt_steps: int = 60                # fine-tuning steps per run
+    adapt_lr: float = 3e-2               # fine-tuning peak rate (VTM: 5e-3 over 20k steps; docs/models)
     meta_steps: int = 200                # meta-training episodes (no checkpoint given)
     meta_shots: int = 4                  # support images per meta-training episode (VTM: 4)
     queries: int = 4                     # query images per meta-training episode

@@ -171,8 +171,13 @@ class EpisodicTrainer:
         self.model.train()
         batch = self.load(self.sampler.episode(self.step, "train"))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.episode_loss(batch["task"], batch["support"], batch["query"])
-        loss.backward()
+        # Dropout draws from the global RNG: seed it from (sampler seed, step) so that a run is
+        # reproducible under its seed and a resumed run redraws the same masks; the caller's
+        # RNG state is restored afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(self.sampler.seed, "meta-step", self.step))
+            loss = self.episode_loss(batch["task"], batch["support"], batch["query"])
+            loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         if cfg.clip_grad:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))

@@ -297,6 +297,27 @@ def test_tts_callback_logs_rounds_and_checkpoint_holds_the_set(tmp_path):
 
 
 # ----------------------------------------------------------------------------- local weights
+def test_meta_training_is_deterministic_under_its_seed_whatever_the_global_rng():
+    """The matching attention's dropout draws from the global RNG: each meta-training step seeds it
+    from (sampler seed, step), so two runs agree exactly even when the caller's RNG differs
+    (it used to be left as the caller had it, and runs of `fastdense adapt` drifted apart)."""
+    sampler = synthetic_sampler(fold=4, shots=2, queries=2, train_samples=8, test_samples=6, seed=0)
+    tasks = [*sampler.train_tasks, *sampler.test_tasks]
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = tts_token_matcher(tasks=tasks, label_space="synthetic", seed=0, unet_lora="none")
+        assert model.matching[0].attn_dropout > 0
+        TokenMatcherTrainer(model, sampler, config=EpisodicConfig(steps=2, lr=3e-4, warmup_steps=1),
+                            device="cpu").fit()
+        after = torch.rand(1)   # the caller's stream continues where it was
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))
+        states.append(model.state_dict())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
 def test_build_unet_vae_from_a_local_folder_and_layout_errors(tmp_path):
     unet, vae = tiny_unet_vae(3)
     root = tmp_path / "sd"
