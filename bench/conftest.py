@@ -10,6 +10,27 @@ Timing
     is the device time and is what ``bench/report.py`` reads.
     CPU: ``time.perf_counter`` around each call; there is no cache flush.
 
+Memory
+    ``extra_info["memory_over_inputs_mb"]``: the peak memory one call allocates
+    above what was allocated when it started (the inputs, parameters and
+    anything else already alive), measured after the warm-up, on every device.
+    CUDA: ``torch.cuda.max_memory_allocated`` (also kept whole, less the flush
+    buffer, as ``max_memory_allocated_mb``). CPU (:func:`cpu_peak_memory_mb`):
+    torch's profiler with ``profile_memory=True`` records every allocation and
+    free of torch's CPU allocator during the call, and the running sum of their
+    sizes in time order peaks at the figure; frees count only against blocks
+    allocated during the call (the events carry no address), so it is the peak
+    of what the call allocated and still held. It sees what the C++ kernels
+    allocate through ATen, also inside ``at::parallel_for`` regions, because
+    the kernels run those under the caller's thread-local state (the
+    profiler's memory hook is thread-local: a worker thread without it is
+    invisible). It does not see raw ``malloc``: small per-thread row buffers
+    in the kernels (a few KB), BLAS/oneDNN workspaces, other processes (the
+    DataLoader workers of the synthetic suite). The resident-set high-water
+    mark was tried and rejected: glibc reuses freed heap memory, so a warm call
+    barely moves it (0-10 MB for the same call). The CPU has no process-wide
+    counter of allocated bytes, so ``max_memory_allocated_mb`` is None there.
+
 Throughput
     ``extra_info`` carries the minimal bytes an implementation must move and
     the FLOPs it must do (see each suite), the achieved GB/s and TFLOP/s
@@ -19,6 +40,7 @@ Throughput
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -27,6 +49,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from _cases import backend_request
 from fastdense._device import device_tag, gpu_tag
@@ -77,6 +100,43 @@ def device_peak(device: torch.device) -> dict | None:
 
 
 _flush_buffer: torch.Tensor | None = None
+
+
+def cpu_memory_events(fn: Callable[[], object]) -> list[tuple[int, int, int]] | None:
+    """(time ns, bytes: + allocated / - freed, thread id) of every allocation and free of torch's
+    CPU allocator during one call of ``fn``, in time order; None if the profiler has no events API."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    cpu = torch.autograd.DeviceType.CPU
+    return sorted(((e.start_ns(), e.nbytes(), e.start_thread_id()) for e in results.events()
+                   if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e[0])
+
+
+def cpu_peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak MB that one call of ``fn`` allocated on torch's CPU allocator and still held
+    (see the module docstring); None if the profiler has no events API."""
+    events = cpu_memory_events(fn)
+    if events is None:
+        return None
+    # Frees are negative sizes. The events carry no address, so a free counts only
+    # against a block of its size allocated during the call: the allocator's size
+    # table outlives a profiling session, and a block freed here that an earlier
+    # session allocated would otherwise subtract from this call's figure.
+    outstanding: collections.Counter = collections.Counter()
+    live = peak = 0
+    for _, nbytes, _ in events:
+        if nbytes > 0:
+            outstanding[nbytes] += 1
+        elif outstanding[-nbytes] > 0:
+            outstanding[-nbytes] -= 1
+        else:
+            continue
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _flush_l2(device: torch.device) -> None:
@@ -157,10 +217,11 @@ def measure_call(
     kind = "cuda" if cuda else "cpu"
     rounds = int(min(MAX_ROUNDS[kind], max(MIN_ROUNDS[kind], TARGET_SECONDS[kind] / per_call_s)))
 
-    peak_mb = extra_mb = None
+    # Peak memory of one call (see the module docstring), after the warm-up.
+    peak_mb = None
+    setup()
     if cuda:
-        # Peak memory of one call, apart from the flush buffer that stays allocated.
-        setup()
+        # Apart from the flush buffer that stays allocated.
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
@@ -168,6 +229,8 @@ def measure_call(
         peak = torch.cuda.max_memory_allocated(device)
         peak_mb = (peak - L2_FLUSH_BYTES) / 2**20
         extra_mb = (peak - before) / 2**20
+    else:
+        extra_mb = cpu_peak_memory_mb(fn)
 
     times_ms.clear()
     benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
@@ -181,6 +244,7 @@ def measure_call(
         "timer": "cuda events, L2 flushed" if cuda else "perf_counter",
         "max_memory_allocated_mb": peak_mb,
         "memory_over_inputs_mb": extra_mb,
+        "memory_source": "cuda allocator peak" if cuda else "profiler memory events",
         "bytes": bytes_moved,
         "flops": flops,
         "gbps": bytes_moved / seconds / 1e9 if bytes_moved else None,

@@ -3,6 +3,7 @@
     python bench/report.py bench/results/nvidia-h200.json            # print
     python bench/report.py bench/results/*.json --detail -o table.md  # + GB/s, % peak per row
     python bench/report.py bench/results/*.json --readme README.md    # refresh README's table
+    python bench/report.py bench/results/*.json --plot                # + PNG charts next to each JSON
 
 Rows are grouped by suite: ``extra_info["suite"]`` where a benchmark sets it,
 else the bench file (``bench/test_bench_lora.py::...`` is suite ``lora``). An op
@@ -13,17 +14,29 @@ Each suite gets a heading and one table: a row per case (and mode), a column
 per implementation (``extra_info["impl"]``, else ``"variant"``), each cell the
 median time and the speed-up over the suite's baseline implementation on the
 same case and mode (:data:`SUITES`; suites not listed there get a generic
-rendering). Suites whose rows carry ``images_per_s`` get a throughput table.
+rendering). Suites whose rows carry ``images_per_s`` get a throughput table, unless their
+:class:`Suite` compares implementations (``compare``).
 
 Times are ``extra_info["median_ms"]`` (CUDA-event device time on GPU, wall
 time on CPU, see bench/conftest.py); rows without one (benchmarks run with
-``--benchmark-disable``) are left out.
+``--benchmark-disable``) are left out. Each cell also gives the call's peak
+memory over its inputs, ``extra_info["memory_over_inputs_mb"]``, where the
+file has it (bench/conftest.py says how it is measured on each device).
+
+``--plot`` writes, next to each JSON, ``<name>-speedup.png`` (speed-up over
+the suite's baseline, a group of bars per case) and, where the file has memory
+figures, ``<name>-memory.png`` (memory against problem size for the suites
+that sweep one, :attr:`Suite.sweep`). It needs matplotlib (an optional
+dependency, in the ``test`` extra). The markdown links the charts found next
+to each JSON.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -40,7 +53,7 @@ MODE_ORDER = ["fwd", "fwdbwd"]
 # extra_info keys that are measurements or bookkeeping, not a description of the case.
 MEASUREMENT_KEYS = {
     "impl", "variant", "mode", "suite", "backend", "device", "device_name", "dtype", "timer", "rounds",
-    "bytes", "flops", "gbps", "tflops", "peak_part", "goal_pct",
+    "bytes", "flops", "gbps", "tflops", "peak_part", "goal_pct", "memory_source",
 }
 MEASUREMENT_PATTERN = re.compile(r"(_ms|_s|_mb|_pct|_per_s|_per_cpu_s)$|^(speedup|pct_|candidate|unet_calls)")
 # Suite names of earlier result files (their bench files' names) -> the op family names used now.
@@ -88,6 +101,17 @@ def impl_of(row: dict) -> str | None:
 
 def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
+
+
+def _mb(value) -> str:
+    """Megabytes with about three significant digits."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def _memory(row: dict) -> str:
+    """`` · 12.3 MB`` for a row with a memory figure, else nothing."""
+    mb = row.get("memory_over_inputs_mb")
+    return "" if mb is None else f" · {_mb(mb)} MB"
 
 
 def _value(v) -> str:
@@ -184,6 +208,12 @@ class Suite:
     case: Callable[[dict], str] | None = None  # None: generic, from the keys that vary
     # extra_info key shown in each cell instead of the speed-up (TTS: the round's share of a training step)
     annotate: tuple[str, str] | None = None  # (key, format with {v})
+    # The problem size a suite sweeps, for the memory chart: (extra_info key, axis label), and the
+    # keys besides the implementation that tell its lines apart (a layer, a noise kind).
+    sweep: tuple[str, str] | None = None
+    series: tuple[str, ...] = ()
+    # Rows that carry images_per_s get a throughput table, unless the suite compares implementations.
+    compare: bool = False
 
 
 def _lora_note(rows: list) -> str:
@@ -196,26 +226,40 @@ def _lora_note(rows: list) -> str:
 
 SUITES: dict[str, Suite] = {
     "lora": Suite("Multi-task LoRA linear", _lora_note, named("mtlora-loop"),
-                  "the MTLoRA-style eager loop", _swin_case),
+                  "the MTLoRA-style eager loop", _swin_case, sweep=("tokens", "tokens"), series=("layer",)),
     "attn_mask_aggregate": Suite(
         "Attention-mask aggregation", "M_attn = M_saᵀ M_ca on Stable Diffusion self-attention shapes; "
         "the `sdpa*` columns also compute the attention output and compare with `sdpa+probs`",
-        _attn_baseline, "the materialised-softmax reference", _attn_case),
+        _attn_baseline, "the materialised-softmax reference", _attn_case, sweep=("tokens", "tokens L")),
     "dtf": Suite("TADFormer TA-LoRA with Dynamic Task Filter", "TA-module (T = 4 tasks) on Swin-T shapes",
-                      named("tadformer-loop"), "the TADFormer-style per-task eager loop", _swin_case),
+                      named("tadformer-loop"), "the TADFormer-style per-task eager loop", _swin_case,
+                      sweep=("tokens", "tokens"), series=("layer", "rank")),
     "skill_gated_transform": Suite("TDSS skill-gated transform",
                                    "All T = 4 task outputs on Swin-T shapes (R = C/4, M = 10)", heuristic,
-                                   "the per-task eager loop", _swin_case),
+                                   "the per-task eager loop", _swin_case, sweep=("tokens", "tokens N")),
     "q_sample_multi": Suite("Multi-timestep noising (q_sample_multi)", "The k noised latents of one clean latent",
-                      named("diffusers-loop"), "a loop of diffusers' `DDPMScheduler.add_noise`", _q_sample_case),
+                      named("diffusers-loop"), "a loop of diffusers' `DDPMScheduler.add_noise`", _q_sample_case,
+                      sweep=("batch", "batch B"), series=("noise",)),
     "timesteps": Suite("Diffusion features at k timesteps", "U-Net up-block features, one batched pass "
                        "against one pass per timestep", named("sequential-unet"),
-                       "the per-timestep diffusers U-Net loop", _timesteps_case),
+                       "the per-timestep diffusers U-Net loop", _timesteps_case, sweep=("batch", "batch B")),
     "tts": Suite("Task-aware timestep selection round", "One selection round next to a training step; "
                  "in parentheses the round's median share of the training step timed before it",
                  lambda impl, present: None, "", lambda r: r["case"], ("round_over_step_pct", "{v:.1f} % of a step")),
     "synthetic": Suite("SyntheticScenes throughput", "images generated per second, all 12 tasks per image",
                        case=_synthetic_case),
+    "models": Suite("Whole models: a training step and inference",
+                    lambda rows: f"Swin-T models, PASCAL-Context's {rows[0]['tasks']} tasks, batch {rows[0]['batch']} "
+                                 f"at {rows[0]['image']}² (`train`: forward, losses, backward, AdamW)",
+                    named("reference"), "the reference path (every op on its torch backend)",
+                    lambda r: r["model"], compare=True),
+    "models_tasks": Suite("Training step against the number of tasks",
+                          "the fused training step with T tasks of the synthetic scenes",
+                          case=lambda r: r["case"]),
+    "fewshot": Suite("Few-shot models: one step end to end", "the token matcher on the tiny U-Net (CPU) or "
+                     "SD 1.x widths (GPU)", named("reference"),
+                     "the reference path (one U-Net pass per timestep, torch backends)", lambda r: r["case"],
+                     compare=True),
 }
 
 
@@ -291,7 +335,7 @@ def summary_table(rows: list, spec: Suite) -> str:
                 base = cells.get(base_name) if base_name else None
                 if base is not None and impl != base_name:
                     text += f" ({base['median_ms'] / r['median_ms']:.2f}×)"
-            row.append(text)
+            row.append(text + _memory(r))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -304,8 +348,8 @@ def detail_table(rows: list, spec: Suite) -> str:
     with_mode = any(r.get("mode") is not None for r in rows)
     head = (["mode"] if with_mode else []) + ["case"]
     lines = ["| " + " | ".join(head) + " | implementation | backend | median ms | speed-up | GB/s | % peak BW "
-             "| TFLOP/s | % peak bf16 | max mem MB |",
-             "|" + "---|" * (len(head) + 2) + "---:|" * 7]
+             "| TFLOP/s | % peak bf16 | max mem MB | mem over inputs MB |",
+             "|" + "---|" * (len(head) + 2) + "---:|" * 8]
     for key in order:
         cells = by_case[key]
         for impl in impls:
@@ -319,6 +363,7 @@ def detail_table(rows: list, spec: Suite) -> str:
                 key[1], impl, r.get("backend") or "–", f"{r['median_ms']:.3f}", speedup,
                 _fmt(r.get("gbps"), ".1f"), _fmt(r.get("pct_peak_bw"), ".1f"), _fmt(r.get("tflops"), ".2f"),
                 _fmt(r.get("pct_peak_flops"), ".1f"), _fmt(r.get("max_memory_allocated_mb"), ".0f"),
+                "–" if r.get("memory_over_inputs_mb") is None else _mb(r["memory_over_inputs_mb"]),
             ]) + " |")
     return "\n".join(lines)
 
@@ -328,14 +373,177 @@ def throughput_table(rows: list, spec: Suite) -> str:
     case = _case_fn(spec, rows)
     rows = [r for r in rows if r.get("images_per_s") is not None]
     cpu = any(r.get("images_per_cpu_s") is not None for r in rows)
-    lines = ["| case | images/s | median ms per round" + (" | images per CPU-s" if cpu else "") + " |",
-             "|---|---:|---:|" + ("---:|" if cpu else "")]
+    mem = any(r.get("memory_over_inputs_mb") is not None for r in rows)
+    lines = ["| case | images/s | median ms per round" + (" | images per CPU-s" if cpu else "")
+             + (" | memory MB" if mem else "") + " |",
+             "|---|---:|---:|" + ("---:|" if cpu else "") + ("---:|" if mem else "")]
     for r in rows:
         cells = [case(r), f"{r['images_per_s']:.0f}", f"{r['median_ms']:.1f}"]
         if cpu:
             cells.append(_fmt(r.get("images_per_cpu_s"), ".0f"))
+        if mem:
+            cells.append("–" if r.get("memory_over_inputs_mb") is None else _mb(r["memory_over_inputs_mb"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- charts
+CHARTS = {"speedup": "Speed-up over each suite's baseline",
+          "memory": "Peak memory over the inputs against problem size"}
+
+
+def chart_path(json_path: Path | str, kind: str) -> Path:
+    """``bench/results/x.json`` -> ``bench/results/x-<kind>.png``."""
+    json_path = Path(json_path)
+    return json_path.with_name(f"{json_path.stem}-{kind}.png")
+
+
+def chart_links(json_path: Path | str, relative_to: Path | str | None = None) -> list[tuple[str, str]]:
+    """(alt text, link) of the charts that exist next to ``json_path``, linked from the folder
+    ``relative_to`` (a README's), or as ``json_path`` is written when None."""
+    links = []
+    for kind, alt in CHARTS.items():
+        png = chart_path(json_path, kind)
+        if png.exists():
+            link = png if relative_to is None else Path(os.path.relpath(png.resolve(), Path(relative_to).resolve()))
+            links.append((alt, link.as_posix()))
+    return links
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("bench/report.py --plot needs matplotlib: pip install matplotlib "
+                         "(it is in fastdense's 'test' extra)") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _suites(result: dict) -> list[tuple[str, list]]:
+    by_suite: dict[str, list] = defaultdict(list)
+    for r in result["rows"]:
+        by_suite[r["_suite"]].append(r)
+    return [(name, by_suite[name]) for name in _suite_order(by_suite)]
+
+
+def speedup_panels(result: dict) -> list[tuple[str, list[str], dict[str, list]]]:
+    """Per suite with a baseline: (title, case labels, {implementation: speed-up per case or None})."""
+    panels = []
+    for name, rows in _suites(result):
+        spec = suite_spec(name)
+        if spec.annotate is not None or (any("images_per_s" in r for r in rows) and not spec.compare):
+            continue
+        by_case, order = _cases(rows, _case_fn(spec, rows))
+        impls = _impls(rows)
+        bars: dict[str, list] = {}
+        for impl in impls:
+            values = []
+            for key in order:
+                r, base_name = by_case[key].get(impl), spec.baseline(impl, impls)
+                base = by_case[key].get(base_name) if base_name and base_name != impl else None
+                values.append(base["median_ms"] / r["median_ms"] if r is not None and base is not None else None)
+            if any(v is not None for v in values):
+                bars[impl] = values
+        if bars:
+            labels = [f"{mode} · {case}" if mode is not None else case for mode, case in order]
+            panels.append((spec.title, labels, bars))
+    return panels
+
+
+def memory_panels(result: dict) -> list[tuple[str, str, dict[str, list[tuple[float, float]]]]]:
+    """Per (suite that sweeps a size, mode): (title, x-axis label, {line: [(size, MB)]})."""
+    panels = []
+    for name, rows in _suites(result):
+        spec = suite_spec(name)
+        if spec.sweep is None:
+            continue
+        key, axis = spec.sweep
+        by_mode: dict = defaultdict(lambda: defaultdict(dict))
+        for r in rows:
+            if r.get("memory_over_inputs_mb") is None or r.get(key) is None:
+                continue
+            line = " ".join([str(impl_of(r) or "median")] + [_value(r[k]) for k in spec.series if k in r])
+            by_mode[r.get("mode")][line][float(r[key])] = r["memory_over_inputs_mb"]
+        for mode in sorted(by_mode, key=_mode_key):
+            lines = {line: sorted(points.items()) for line, points in by_mode[mode].items()}
+            panels.append((spec.title + (f" ({mode})" if mode is not None else ""), axis, lines))
+    return panels
+
+
+def plot_speedup(result: dict, path: Path) -> Path | None:
+    panels = speedup_panels(result)
+    if not panels:
+        return None
+    plt = _pyplot()
+    heights = [3.2] * len(panels)
+    width = max(8.0, 0.55 * max(len(labels) * (len(bars) + 1) for _, labels, bars in panels) / 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights) + 0.6), squeeze=False)
+    for ax, (title, labels, bars) in zip(axes[:, 0], panels):
+        n = len(bars)
+        step = 0.8 / n
+        for i, (impl, values) in enumerate(bars.items()):
+            xs = [c + (i - (n - 1) / 2) * step for c in range(len(labels))]
+            kept = [(x, v) for x, v in zip(xs, values) if v is not None]
+            # Bars grow from the baseline (1×): up when faster, down when slower.
+            ax.bar([x for x, _ in kept], [v - 1 for _, v in kept], bottom=1, width=step, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log", base=2)
+        present = [v for values in bars.values() for v in values if v is not None]
+        ax.set_ylim(min(0.5, min(present) / 1.2), max(2.0, max(present) * 1.2))
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylabel("speed-up", fontsize=8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=7, ncol=min(n, 4), loc="upper right")
+    fig.suptitle(f"{result_name(result)}: speed-up over each suite's baseline (higher is faster)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(result: dict, path: Path) -> Path | None:
+    panels = memory_panels(result)
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (title, axis, lines) in zip(axes.flat, panels):
+        positive = all(mb > 0 for points in lines.values() for _, mb in points)
+        for line, points in lines.items():
+            ax.plot([x for x, _ in points], [mb for _, mb in points], marker="o", markersize=4, label=line)
+        ax.set_xscale("log", base=2)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xlabel(axis, fontsize=8)
+        ax.set_ylabel("MB over the inputs", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{result_name(result)}: peak memory of one call over its inputs", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_result(result: dict, json_path: Path | str) -> list[Path]:
+    """Write the charts of one result file next to it; returns the files written."""
+    written = [plot_speedup(result, chart_path(json_path, "speedup")),
+               plot_memory(result, chart_path(json_path, "memory"))]
+    return [p for p in written if p is not None]
+
+
+def result_name(result: dict) -> str:
+    return next((r["device_name"] for r in result["rows"] if r.get("device_name")), Path(result["path"]).stem)
 
 
 # ----------------------------------------------------------------------------- the document
@@ -373,20 +581,25 @@ def _note(spec: Suite, rows: list, has_impl: bool) -> str:
         else:
             what = f"median time (no baseline implementation among {', '.join(f'`{i}`' for i in present)}, " \
                    "so no speed-ups)"
+    if any(r.get("memory_over_inputs_mb") is not None for r in rows):
+        what += "; after · the call's peak memory over its inputs"
     return f"{note}: {what}." if note else what[0].upper() + what[1:] + "."
 
 
-def render_result(result: dict, detail: bool = False) -> list[str]:
+def render_result(result: dict, detail: bool = False, charts: list[tuple[str, str]] = ()) -> list[str]:
+    """The markdown parts of one result file; ``charts``: (alt text, link) of its images (:func:`chart_links`)."""
     if not result["rows"]:
         return [f"`{result['path']}`: no timed benchmarks in this file."]
     parts = [_header(result)]
+    if charts:
+        parts.append(" ".join(f"![{alt}]({link})" for alt, link in charts))
     by_suite: dict[str, list] = defaultdict(list)
     for r in result["rows"]:
         by_suite[r["_suite"]].append(r)
     for name in _suite_order(by_suite):
         rows, spec = by_suite[name], suite_spec(name)
         parts.append(f"### {spec.title}")
-        if any("images_per_s" in r for r in rows):
+        if any("images_per_s" in r for r in rows) and not spec.compare:
             note = spec.note(rows) if callable(spec.note) else spec.note
             parts.append((note[0].upper() + note[1:] + "." if note else "Images per second."))
             parts.append(throughput_table(rows, spec))
@@ -398,10 +611,12 @@ def render_result(result: dict, detail: bool = False) -> list[str]:
     return parts
 
 
-def render(paths: list[Path], detail: bool) -> str:
+def render(paths: list[Path], detail: bool, links_from: Path | None = None) -> str:
+    """The markdown of every file, with links to the charts next to each, from the folder
+    ``links_from`` (None: the paths as given)."""
     parts = []
     for path in paths:
-        parts += render_result(load(path), detail)
+        parts += render_result(load(path), detail, chart_links(path, links_from))
     return "\n\n".join(parts) + "\n"
 
 
@@ -423,8 +638,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detail", action="store_true", help="add a row per benchmark with GB/s, TFLOP/s, % of peak")
     parser.add_argument("-o", "--output", type=Path, help="write the markdown here instead of printing it")
     parser.add_argument("--readme", type=Path, help="replace the generated block of this README with the tables")
+    parser.add_argument("--plot", action="store_true",
+                        help="write PNG charts next to each JSON (speed-ups; memory against size); needs matplotlib")
     args = parser.parse_args(argv)
-    table = render(args.json, args.detail)
+    if args.plot:
+        for path in args.json:
+            for png in plot_result(load(path), path):
+                print(f"wrote {png}", file=sys.stderr)
+    links_from = args.readme.parent if args.readme else args.output.parent if args.output else None
+    table = render(args.json, args.detail, links_from)
     if args.readme:
         update_readme(args.readme, table)
     if args.output:

@@ -88,7 +88,7 @@ def test_lora_detail_rows(report):
     md = render(report, document(lora("mtlora-loop", "fwd", 6.0, gbps=1.5), lora("fused", "fwd", 2.0, gbps=4.5)),
                 detail=True)
     detail = [line for line in md.splitlines() if line.startswith("| fwd |") and "| cpp |" in line]
-    assert detail == ["| fwd | stage 3 proj 384→384, 1×28² | fused | cpp | 2.000 | 3.00× | 4.5 | – | – | – | – |"]
+    assert detail == ["| fwd | stage 3 proj 384→384, 1×28² | fused | cpp | 2.000 | 3.00× | 4.5 | – | – | – | – | – |"]
 
 
 def test_missing_baseline_gives_times_without_speedups(report):
@@ -242,10 +242,96 @@ def test_suites_are_named_after_op_families_and_old_names_still_read(report):
 
 
 def test_committed_results_render_as_the_readme_table(report):
-    # The README's table is generated from the committed file, which may predate the op-family suite names.
+    # The README's table is generated from the committed file, which may predate the op-family suite names,
+    # with links (from the README's folder) to the charts committed next to it.
     root = REPORT_PATH.parents[1]
     path = "bench/results/cpu-intel-xeon-2c.json"
     data = json.loads((root / path).read_text())
     readme = (root / "README.md").read_text()
     block = readme.split(report.README_BEGIN + "\n", 1)[1].split("\n" + report.README_END, 1)[0]
-    assert "\n\n".join(report.render_result(report.load_data(data, path))) in block
+    charts = report.chart_links(root / path, root)
+    assert "\n\n".join(report.render_result(report.load_data(data, path), charts=charts)) in block
+    for _, link in charts:
+        assert (root / link).is_file()
+
+
+# ----------------------------------------------------------------------------- memory
+def test_memory_in_cells_detail_and_note(report):
+    doc = document(lora("mtlora-loop", "fwd", 6.0, memory_over_inputs_mb=12.25),
+                   lora("fused", "fwd", 2.0, memory_over_inputs_mb=3.5, memory_source="profiler memory events"),
+                   lora("fused-cpp", "fwd", 2.5, memory_over_inputs_mb=0.125), lora("peft", "fwd", 12.0))
+    md = render(report, doc)
+    assert "after · the call's peak memory over its inputs." in md
+    rows = table_rows(md, "Multi-task LoRA linear")
+    # memory_source is bookkeeping, not part of the case; a row without a figure gets none.
+    assert rows[0] == ["mode", "case", "fused", "fused-cpp", "mtlora-loop", "peft"]
+    assert rows[2] == ["fwd", "stage 3 proj 384→384, 1×28²", "2.000 ms (3.00×) · 3.5 MB",
+                       "2.500 ms (2.40×) · 0.12 MB", "6.000 ms · 12.2 MB", "12.000 ms (0.50×)"]
+    detail = render(report, doc, detail=True)
+    assert "| max mem MB | mem over inputs MB |" in detail
+    line = next(row for row in detail.splitlines() if row.startswith("| fwd |") and "| fused | cpp |" in row)
+    assert line.endswith("| – | 3.5 |")
+
+
+def test_memory_column_in_throughput_table(report):
+    doc = document(bench("synthetic", 320.0, suite="synthetic", case="single", resolution=128, images=64, tasks=12,
+                         images_per_s=200.0, memory_over_inputs_mb=150.4))
+    rows = table_rows(render(report, doc), "SyntheticScenes throughput")
+    assert rows[0] == ["case", "images/s", "median ms per round", "memory MB"]
+    assert rows[2] == ["single, 128×128, 64 images", "200", "320.0", "150"]
+
+
+def _attn(impl, mode, ms, tokens, mb):
+    return bench("attn_mask_aggregate", ms, impl=impl, mode=mode, layer=f"sd-{tokens}", batch=1, heads=8,
+                 tokens=tokens, head_dim=40, concepts=77, includes_sdpa=False, memory_over_inputs_mb=mb)
+
+
+def test_chart_data_speedups_and_memory_sweep(report):
+    doc = document(lora("mtlora-loop", "fwd", 6.0), lora("fused", "fwd", 2.0), lora("fused-cpp", "fwd", 3.0),
+                   lora("mtlora-loop", "fwd", 4.0, stage=4), lora("fused", "fwd", 5.0, stage=4),
+                   _attn("reference", "fwd", 4.0, 1024, 40.0), _attn("fused", "fwd", 1.0, 1024, 2.0),
+                   _attn("reference", "fwd", 1.0, 256, 3.0), _attn("fused", "fwd", 0.5, 256, 0.5))
+    result = report.load_data(doc, "x.json")
+    panels = {title: (labels, bars) for title, labels, bars in report.speedup_panels(result)}
+    labels, bars = panels["Multi-task LoRA linear"]
+    assert labels == ["fwd · stage 3 proj 384→384, 1×28²", "fwd · stage 4 proj 768→768, 1×14²"]
+    assert bars == {"fused": [3.0, 0.8], "fused-cpp": [2.0, None]}  # the baseline gets no bar
+    assert panels["Attention-mask aggregation"][1] == {"fused": [4.0, 2.0]}
+    memory = report.memory_panels(result)
+    # Only suites that sweep a size, and only rows with a memory figure (the LoRA rows have none).
+    assert memory == [("Attention-mask aggregation (fwd)", "tokens L",
+                       {"reference": [(256.0, 3.0), (1024.0, 40.0)], "fused": [(256.0, 0.5), (1024.0, 2.0)]})]
+
+
+def test_plot_writes_charts_and_readme_links_them(report, tmp_path):
+    pytest.importorskip("matplotlib", reason="bench/report.py --plot needs matplotlib (pip install matplotlib)")
+    results = tmp_path / "results" / "cpu.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps(document(
+        lora("mtlora-loop", "fwd", 6.0, memory_over_inputs_mb=12.0),
+        lora("fused", "fwd", 2.0, memory_over_inputs_mb=3.0),
+        _attn("reference", "fwd", 4.0, 1024, 40.0), _attn("fused", "fwd", 1.0, 1024, 2.0),
+        _attn("reference", "fwd", 1.0, 256, 3.0), _attn("fused", "fwd", 0.5, 256, 0.5))))
+    readme = tmp_path / "README.md"
+    readme.write_text(report.README_BEGIN + "\n" + report.README_END + "\n")
+    assert report.main([str(results), "--plot", "--readme", str(readme)]) == 0
+    for kind in ("speedup", "memory"):
+        png = tmp_path / "results" / f"cpu-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"![{report.CHARTS[kind]}](results/cpu-{kind}.png)" in readme.read_text()
+
+
+def test_plot_without_memory_figures_writes_only_the_speedups(report, tmp_path):
+    pytest.importorskip("matplotlib", reason="bench/report.py --plot needs matplotlib (pip install matplotlib)")
+    results = tmp_path / "cpu.json"
+    results.write_text(json.dumps(document(lora("mtlora-loop", "fwd", 6.0), lora("fused", "fwd", 2.0))))
+    assert report.plot_result(report.load(results), results) == [tmp_path / "cpu-speedup.png"]
+    assert not (tmp_path / "cpu-memory.png").exists()
+
+
+def test_plot_without_matplotlib_says_what_to_install(report, tmp_path, monkeypatch):
+    results = tmp_path / "cpu.json"
+    results.write_text(json.dumps(document(lora("mtlora-loop", "fwd", 6.0), lora("fused", "fwd", 2.0))))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit, match="needs matplotlib: pip install matplotlib"):
+        report.main([str(results), "--plot"])

@@ -23,10 +23,13 @@
 // The tile GEMMs and element-wise passes are ATen calls on views of the
 // thread's buffers: inside at::parallel_for they run on the calling thread
 // (MKL/oneDNN GEMMs and ATen's vectorised exp), and the tile stays in cache
-// between them.
+// between them. The pool's threads run them under the caller's thread-local
+// state, so the profiler (bench/conftest.py reads peak memory from it) sees
+// the tiles' allocations.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -136,9 +139,11 @@ std::tuple<Tensor, Tensor> attn_aggregate_fwd_cpu(const Tensor& q_in, const Tens
   const double alpha = reduce == Reduce::kMean ? 1.0 / static_cast<double>(s.H) : 1.0;
   std::mutex flush;
 
+  const at::ThreadLocalState tls;
   at::parallel_for(0, s.B * s.H * splits, 1, [&](int64_t t0, int64_t t1) {
-    // The caller's dispatch state (autograd already handled) is thread-local
-    // and does not reach the pool's threads: skip autograd for the tile ops.
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    // Autograd is already handled by the op: skip it for the tile ops (the
+    // caller's state, just restored, may still include it).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor scores = at::empty({tile, s.L}, opts);
     Tensor acc;  // this task's share of a map other tasks also add into
@@ -220,9 +225,11 @@ std::tuple<Tensor, Tensor, Tensor> attn_aggregate_bwd_cpu(const Tensor& grad_in,
   const bool need_ds = need_q || need_k;
   std::mutex flush;
 
+  const at::ThreadLocalState tls;
   at::parallel_for(0, s.B * s.H * splits, 1, [&](int64_t t0, int64_t t1) {
-    // The caller's dispatch state (autograd already handled) is thread-local
-    // and does not reach the pool's threads: skip autograd for the tile ops.
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    // Autograd is already handled by the op: skip it for the tile ops (the
+    // caller's state, just restored, may still include it).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor probs = at::empty({tile, s.L}, opts);
     Tensor dscores = need_ds ? at::empty({tile, s.L}, opts) : Tensor();

@@ -2,7 +2,10 @@
 // skill-gated transform for all T tasks (contract: fastdense/ops/skill_gated_transform.py,
 // algorithm: fastdense/ops/_skill_gated_transform_torch.py).
 //
-// Row-tiled: at::parallel_for hands each thread whole tiles of rows; a tile's
+// Two schedules of the same algorithm, chosen by the number of rows (whole_rows):
+//
+// Row-tiled (many rows: Swin-T stages 1-2 at batch 1 and everything in bf16):
+// at::parallel_for hands each thread whole tiles of rows; a tile's
 // intermediates (h, the 2T softmax gates, γ/β, h_s and GELU(h_s) of every task)
 // stay in per-thread scratch sized to fit in L2, so the only (N, ·) traffic is
 // reading x (and h, grad in backward) and writing the T outputs (dx, h).
@@ -15,18 +18,31 @@
 //     dh += dL W_gᵀ, dx = dh W_dᵀ; the parameter gradients (W_u, S, W_g, W_d)
 //     accumulate into one partial per thread chunk, reduced at the end in a
 //     fixed order (deterministic for a given thread count).
+//
+// Whole (few rows: Swin-T stages 3-4, fp32/fp64): the GEMMs with W_d and W_u,
+// which are almost all of the FLOPs, run once over all rows (T·N rows for W_u)
+// through BLAS, which threads and blocks them itself; only the gate part runs
+// in row tiles. Row-tile GEMMs of a few dozen rows measured up to 1.6x slower
+// than one GEMM over all rows (MKL, 1 thread, stage 3), and at stage 4 there are
+// too few tiles to share evenly between threads. It keeps (T, N, R) buffers of
+// G (and dG in backward), a quarter of the output's size at TDSS's R = C/4.
+//
 // The tile GEMMs, GELU and the exponentials go through ATen (MKL and the
 // vectorised element-wise kernels); inside the parallel region they run on the
-// calling thread. Compute is in at::opmath_type (fp32 for bf16 inputs).
+// calling thread, under the caller's thread-local state (so the profiler, which
+// bench/conftest.py reads peak memory from, sees their allocations). Compute is
+// in at::opmath_type (fp32 for bf16 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 namespace fastdense {
 namespace {
@@ -82,13 +98,35 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kBFloat16 ? at::kFloat : st; }
 
 // Rows per tile: the per-tile scratch (about C + 8·T·R + 3·T·2·M numbers a row)
-// stays near 1 MiB of fp32, about a core's L2, with at least 64 rows: the rows
+// stays near 1 MiB of fp32, about a core's L2, with 64 to 512 rows: the rows
 // are the inner dimension of the parameter-gradient GEMMs (dW_u += Gᵀ dY, ...),
 // which update a whole (R, C) partial per tile and would be bound by that
-// traffic with thinner tiles.
+// traffic with thinner tiles. The tile count is then rounded up to a multiple
+// of the thread count and the rows spread evenly over the tiles: with 4 tiles
+// of 64, 64, 64 and 4 rows (Swin-T stage 4, N = 196), one of two threads got
+// two thirds of the work.
 int64_t tile_rows(const Dims& d) {
   const int64_t per_row = d.C + 8 * d.T * d.R + 3 * d.gates();
-  return std::clamp<int64_t>(262144 / std::max<int64_t>(1, per_row), 64, 512);
+  const int64_t cap = std::clamp<int64_t>(262144 / std::max<int64_t>(1, per_row), 64, 512);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t tiles = (d.N + cap - 1) / cap;
+  tiles = (tiles + threads - 1) / threads * threads;
+  return std::max<int64_t>(1, (d.N + tiles - 1) / tiles);
+}
+
+// The whole schedule (see the top of the file) when the T·N rows of the W_u
+// GEMMs are at most this many. Measured (fp32, 1 thread, CPU time, Swin-T
+// shapes at batch 1 with R = C/4, T = 4, M = 10, forward + backward, kernels
+// alone): whole / row-tiled = 7.6 / 9.8 ms at stage 4 (T·N = 784), 9.5 / 10.3
+// ms at stage 3 (3136). Whole is also 5-7% faster at stages 2 and 1 (12544,
+// 50176 rows), but its (T, N, R) buffers of G and dG grow with N (9.6 MB at
+// stage 1, half the output gradient) where the row tiles keep about 1 MB per
+// thread: above this many rows the bounded memory wins.
+constexpr int64_t kWholeRowsMax = 4096;
+
+template <typename scalar_t>
+bool whole_rows(const Dims& d) {
+  return std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && d.T * d.N <= kWholeRowsMax;
 }
 
 // (T, R, M) x 2 -> (R, T·2·M): column block (t, 0) is W_γ^t, (t, 1) is W_β^t.
@@ -172,11 +210,12 @@ void gate_grads_rows(const Dims& d, int64_t n, const acc_t* h, const acc_t* gb, 
   }
 }
 
-// Per-thread scratch of one tile, in the accumulation type.
+// Per-thread scratch of one tile, in the accumulation type. `whole`: the
+// schedule keeps G and dG in (T, N, R) buffers, so no per-tile g / dg.
 struct Scratch {
   Tensor xa, ha, logits, probs_grad, gb, dgb, z, g, dg, ya, dh;
 
-  Scratch(const Dims& d, int64_t tile, const at::TensorOptions& acc, bool copy_in, bool backward) {
+  Scratch(const Dims& d, int64_t tile, const at::TensorOptions& acc, bool copy_in, bool backward, bool whole) {
     if (copy_in) {  // bf16: x, h, and each output / grad row block go through an fp32 copy
       xa = at::empty({tile, d.C}, acc);
       ha = at::empty({tile, d.R}, acc);
@@ -184,12 +223,12 @@ struct Scratch {
     }
     logits = at::empty({tile, d.gates()}, acc);
     gb = at::empty({tile * d.T * 2, d.R}, acc);
-    z = at::empty({d.T, tile, d.R}, acc);
-    g = at::empty({d.T, tile, d.R}, acc);
+    if (backward || !whole) z = at::empty({d.T, tile, d.R}, acc);
+    if (!whole) g = at::empty({d.T, tile, d.R}, acc);
     if (backward) {
       probs_grad = at::empty({tile, d.gates()}, acc);
       dgb = at::empty({tile * d.T * 2, d.R}, acc);
-      dg = at::empty({d.T, tile, d.R}, acc);
+      if (!whole) dg = at::empty({d.T, tile, d.R}, acc);
       dh = at::empty({tile, d.R}, acc);
     }
   }
@@ -203,18 +242,25 @@ Tensor rows_acc(const Tensor& src, int64_t i0, int64_t n, const Tensor& buf) {
 }
 
 // Recomputes the gates of a tile from h: probs (n, T·2·M) in s.logits, γ/β in
-// s.gb, Z in s.z (T, tile, R); returns the (n, T·2·M) probabilities.
+// s.gb, Z_t of the tile's rows at z + t·ld_task (rows of R); returns the
+// (n, T·2·M) probabilities.
 template <typename acc_t>
-Tensor gates_tile(const Dims& d, int64_t n, const Tensor& ht, const Tensor& wg, const Tensor& sk, Scratch& s) {
+Tensor gates_tile(const Dims& d, int64_t n, const Tensor& ht, const Tensor& wg, const Tensor& sk, Scratch& s,
+                  acc_t* z, int64_t ld_task) {
   Tensor lg = s.logits.narrow(0, 0, n);
   at::mm_out(lg, ht, wg);
   Tensor probs = lg.view({n * d.T * 2, d.M});
   softmax_groups<acc_t>(probs, n * d.T * 2, d.M);
   Tensor gbt = s.gb.narrow(0, 0, n * d.T * 2);
   at::mm_out(gbt, probs, sk);
-  const int64_t tile = s.z.size(1);
-  transform_rows<acc_t>(d, n, ht.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), s.z.data_ptr<acc_t>(), tile * d.R);
+  transform_rows<acc_t>(d, n, ht.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), z, ld_task);
   return lg;
+}
+
+// Z of a tile in the scratch's (T, tile, R) buffer.
+template <typename acc_t>
+Tensor gates_tile(const Dims& d, int64_t n, const Tensor& ht, const Tensor& wg, const Tensor& sk, Scratch& s) {
+  return gates_tile<acc_t>(d, n, ht, wg, sk, s, s.z.data_ptr<acc_t>(), s.z.size(1) * d.R);
 }
 
 // ============================================================================ forward
@@ -223,18 +269,37 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_down, const Te
                   const Tensor& w_gamma, const Tensor& w_beta, const Tensor& out, const Tensor& h) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool copy_in = !std::is_same_v<scalar_t, acc_t>;
+  // The op is differentiated as a whole (fastdense/ops/_define.py): out= calls
+  // on parameters that require grad must not reach autograd.
+  const BelowAutograd below_autograd;
+  const bool whole = whole_rows<scalar_t>(d);
   const auto acc = acc_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const Tensor wd = w_down.to(acc).contiguous(), wu = w_up.to(acc).contiguous(), sk = skills.to(acc).contiguous();
   const Tensor wg = pack_gates(w_gamma, w_beta, acc);
   const int64_t tile = tile_rows(d);
   const int64_t n_tiles = (d.N + tile - 1) / tile;
+  // whole: h over all rows, G of all tasks in one buffer, the outputs as one GEMM below.
+  Tensor g_all;
+  if (whole) {
+    Tensor h_all = h;  // a handle: mm_out takes a non-const reference
+    at::mm_out(h_all, x, wd);
+    g_all = at::empty({d.T, d.N, d.R}, acc_opts);
+  }
 
+  const at::ThreadLocalState tls;
   at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
     const BelowAutograd below_autograd;
-    Scratch s(d, tile, acc_opts, copy_in, false);
+    Scratch s(d, tile, acc_opts, copy_in, false, whole);
     for (int64_t k = b; k < e; ++k) {
       const int64_t i0 = k * tile, n = std::min(tile, d.N - i0);
+      if (whole) {
+        Tensor zt = g_all.narrow(1, i0, n);  // Z, then GELU(Z) in place
+        gates_tile<acc_t>(d, n, h.narrow(0, i0, n), wg, sk, s, zt.data_ptr<acc_t>(), d.N * d.R);
+        at::gelu_out(zt, zt);
+        continue;
+      }
       const Tensor xt = rows_acc(x, i0, n, s.xa);
       Tensor ht = copy_in ? s.ha.narrow(0, 0, n) : h.narrow(0, i0, n);
       at::mm_out(ht, xt, wd);
@@ -254,6 +319,10 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_down, const Te
       }
     }
   });
+  if (whole) {
+    Tensor out2 = out.view({d.T * d.N, d.C});
+    at::mm_out(out2, g_all.view({d.T * d.N, d.R}), wu);
+  }
 }
 
 std::tuple<Tensor, Tensor> skill_adapter_fwd_cpu(const Tensor& x_in, const Tensor& w_down, const Tensor& w_up,
@@ -276,6 +345,10 @@ void backward_impl(const Dims& d, const Tensor& grad, const Tensor& x, const Ten
                    const bool* needs, Tensor& dx, Tensor& dwd, Tensor& dwu, Tensor& dsk, Tensor& dwg, Tensor& dwb) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool copy_in = !std::is_same_v<scalar_t, acc_t>;
+  // The op is differentiated as a whole (fastdense/ops/_define.py): out= calls
+  // on parameters that require grad must not reach autograd.
+  const BelowAutograd below_autograd;
+  const bool whole = whole_rows<scalar_t>(d);
   const auto acc = acc_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const Tensor wd = w_down.to(acc).contiguous(), wu = w_up.to(acc).contiguous(), sk = skills.to(acc).contiguous();
@@ -286,45 +359,78 @@ void backward_impl(const Dims& d, const Tensor& grad, const Tensor& x, const Ten
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(threads, n_tiles));
   const bool need_dgates = needs[4] || needs[5];
   const bool need_dh = needs[0] || needs[1];
+  // dZ feeds every gradient but W_u's.
+  const bool need_dz = need_dh || need_dgates || needs[3];
 
-  // One partial per chunk of rows, reduced below in a fixed order.
+  // One partial per chunk of rows, reduced below in a fixed order. The whole
+  // schedule computes dW_u and dW_d as GEMMs over all rows instead.
   auto partial = [&](bool need, at::IntArrayRef shape) {
     std::vector<int64_t> full{n_chunks};
     full.insert(full.end(), shape.begin(), shape.end());
     return need ? at::zeros(full, acc_opts) : Tensor();
   };
-  Tensor dwu_p = partial(needs[2], {d.R, d.C});
+  Tensor dwu_p = partial(needs[2] && !whole, {d.R, d.C});
   Tensor dsk_p = partial(needs[3], {d.M, d.R});
   Tensor dwg_p = partial(need_dgates, {d.R, d.gates()});
-  Tensor dwd_p = partial(needs[1], {d.C, d.R});
+  Tensor dwd_p = partial(needs[1] && !whole, {d.C, d.R});
 
+  // whole: dG of all tasks as one GEMM, G and dh of all rows kept for the GEMMs after the row pass.
+  Tensor dg_all, g_all, dh_all;
+  if (whole) {
+    if (need_dz) {
+      dg_all = at::empty({d.T, d.N, d.R}, acc_opts);
+      Tensor dg2 = dg_all.view({d.T * d.N, d.R});
+      at::mm_out(dg2, grad.view({d.T * d.N, d.C}), wu.t());
+    }
+    if (needs[2]) g_all = at::empty({d.T, d.N, d.R}, acc_opts);
+    if (need_dh) dh_all = at::empty({d.N, d.R}, acc_opts);
+  }
+
+  const at::ThreadLocalState tls;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
     const BelowAutograd below_autograd;
-    Scratch s(d, tile, acc_opts, copy_in, true);
+    Scratch s(d, tile, acc_opts, copy_in, true, whole);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * n_tiles / n_chunks * tile;
       const int64_t r1 = std::min(d.N, (c + 1) * n_tiles / n_chunks * tile);
       for (int64_t i0 = r0; i0 < r1; i0 += tile) {
         const int64_t n = std::min(tile, r1 - i0);
         const Tensor ht = rows_acc(h, i0, n, s.ha);
-        const Tensor probs = gates_tile<acc_t>(d, n, ht, wg, sk, s);
-        const Tensor z = s.z.narrow(1, 0, n);
-        Tensor g = s.g.narrow(1, 0, n);
-        if (needs[2]) at::gelu_out(g, z);
-        Tensor dg = s.dg.narrow(1, 0, n);
-        for (int64_t t = 0; t < d.T; ++t) {
-          const Tensor dy = rows_acc(grad.select(0, t), i0, n, s.ya);
-          if (needs[2]) dwu_p[c].addmm_(g.select(0, t).t(), dy);
-          Tensor dgt = dg.select(0, t);
-          at::mm_out(dgt, dy, wu.t());
+        // whole with dW_u: Z straight into the G buffer (GELU applied in place below).
+        Tensor g_rows = whole && needs[2] ? g_all.narrow(1, i0, n) : Tensor();
+        const Tensor probs = g_rows.defined()
+                                 ? gates_tile<acc_t>(d, n, ht, wg, sk, s, g_rows.data_ptr<acc_t>(), d.N * d.R)
+                                 : gates_tile<acc_t>(d, n, ht, wg, sk, s);
+        const Tensor z = g_rows.defined() ? g_rows : s.z.narrow(1, 0, n);
+        if (whole) {
+          if (need_dz) {
+            // dZ = dG ⊙ GELU'(Z) into the scratch, then G = GELU(Z) in place. In
+            // place on purpose: gelu_out from a contiguous input into a strided
+            // view of another tensor left the view unwritten (torch 2.13, CPU).
+            Tensor dz = s.z.narrow(1, 0, n);
+            at::gelu_backward_out(dz, dg_all.narrow(1, i0, n), z);
+          }
+          if (needs[2]) at::gelu_out(g_rows, g_rows);
+          if (!need_dz) continue;
+        } else {
+          Tensor g = s.g.narrow(1, 0, n);
+          if (needs[2]) at::gelu_out(g, z);
+          Tensor dg = s.dg.narrow(1, 0, n);
+          for (int64_t t = 0; t < d.T; ++t) {
+            const Tensor dy = rows_acc(grad.select(0, t), i0, n, s.ya);
+            if (needs[2]) dwu_p[c].addmm_(g.select(0, t).t(), dy);
+            Tensor dgt = dg.select(0, t);
+            at::mm_out(dgt, dy, wu.t());
+          }
+          // dZ = dG ⊙ GELU'(Z), written over Z.
+          Tensor dz = s.z.narrow(1, 0, n);
+          at::gelu_backward_out(dz, dg, z);
         }
-        // dZ = dG ⊙ GELU'(Z), written over Z.
-        Tensor dz = s.z.narrow(1, 0, n);
-        at::gelu_backward_out(dz, dg, z);
         Tensor dgb = s.dgb.narrow(0, 0, n * d.T * 2);
-        Tensor dh = s.dh.narrow(0, 0, n);
+        Tensor dh = whole && need_dh ? dh_all.narrow(0, i0, n) : s.dh.narrow(0, 0, n);
         gate_grads_rows<acc_t>(d, n, ht.data_ptr<acc_t>(), s.gb.data_ptr<acc_t>(), s.z.data_ptr<acc_t>(),
-                               tile * d.R, dgb.data_ptr<acc_t>(), dh.data_ptr<acc_t>());
+                               s.z.size(1) * d.R, dgb.data_ptr<acc_t>(), dh.data_ptr<acc_t>());
         const Tensor p2 = probs.view({n * d.T * 2, d.M});
         if (needs[3]) dsk_p[c].addmm_(p2.t(), dgb);
         if (!need_dgates && !need_dh) continue;
@@ -335,6 +441,7 @@ void backward_impl(const Dims& d, const Tensor& grad, const Tensor& x, const Ten
         if (need_dgates) dwg_p[c].addmm_(ht.t(), dl);
         if (!need_dh) continue;
         dh.addmm_(dl, wg.t());
+        if (whole) continue;  // dx and dW_d from all rows below
         if (needs[0]) {
           if (copy_in) {
             Tensor ya = s.ya.narrow(0, 0, n);
@@ -351,8 +458,14 @@ void backward_impl(const Dims& d, const Tensor& grad, const Tensor& x, const Ten
   });
 
   const auto st = x.scalar_type();
-  if (needs[1]) dwd = dwd_p.sum(0).to(st);
-  if (needs[2]) dwu = dwu_p.sum(0).to(st);
+  if (whole) {  // scalar_t is the accumulation type here: the GEMMs write the results directly
+    if (needs[2]) at::mm_out(dwu, g_all.view({d.T * d.N, d.R}).t(), grad.view({d.T * d.N, d.C}));
+    if (needs[1]) at::mm_out(dwd, x.t(), dh_all);
+    if (needs[0]) at::mm_out(dx, dh_all, wd.t());
+  } else {
+    if (needs[1]) dwd = dwd_p.sum(0).to(st);
+    if (needs[2]) dwu = dwu_p.sum(0).to(st);
+  }
   if (needs[3]) dsk = dsk_p.sum(0).to(st);
   if (need_dgates) {
     Tensor w = dwg_p.sum(0).view({d.R, d.T, 2, d.M}).permute({1, 2, 0, 3});  // (T, 2, R, M)
@@ -378,8 +491,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> skill_adapter_bwd_cpu
   for (size_t i = 0; i < 6; ++i) needs[i] = needs_in.get(i);
 
   const auto opts = x_in.options();
+  // Zeros only for no rows (nothing accumulates into them); else every gradient
+  // asked for is written whole below, and a zero fill of fresh memory is a
+  // measurable share of the call at Swin-T stage 4.
   auto zeros_or_empty = [&](bool need, const Tensor& like) {
-    return need ? at::zeros(like.sizes(), opts) : at::empty({0}, opts);
+    if (!need) return at::empty({0}, opts);
+    return d.N == 0 ? at::zeros(like.sizes(), opts) : at::empty(like.sizes(), opts);
   };
   Tensor dx = needs[0] ? at::empty(x_in.sizes(), opts) : at::empty({0}, opts);
   Tensor dwd = zeros_or_empty(needs[1], w_down), dwu = zeros_or_empty(needs[2], w_up);

@@ -107,9 +107,12 @@ def test_tasks_skills_ranks_grid(backend, t, m, r):
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] != "triton"])
-def test_many_row_tiles(backend):
-    """Enough rows for several row tiles / thread chunks, the last one partial."""
-    check_against_reference(backend, Case((3, 347), 8, 4, 5, 2), seed=3)
+@pytest.mark.parametrize("lead", [(3, 347), (3, 701)], ids=["whole-gemms", "row-tiled"])
+def test_many_row_tiles(backend, lead):
+    """Enough rows for several row tiles / thread chunks, the last one partial. The cpp
+    kernels run the W_d/W_u GEMMs over all rows up to T·N = 4096 (2·1041 here) and
+    everything in row tiles above (2·2103)."""
+    check_against_reference(backend, Case(lead, 8, 4, 5, 2), seed=3)
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params(OP) if p.values[0] == "triton"])
