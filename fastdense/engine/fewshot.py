@@ -221,17 +221,9 @@ class EpisodicTrainer:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def adapt(self, task: str, support: Union[Mapping[str, torch.Tensor], Sequence[int]],
-              steps: Optional[int] = None, lr: Optional[float] = None) -> List[float]:
-        """Fine-tune ``model.adaptable_parameters(task)`` (the task's biases and the LoRA
-        adapters) on the N shots of ``support`` for ``steps`` AdamW steps; every other
-        parameter is left bit-identical. In place; returns the loss of each step.
-
-        ``support``: ``{"image": (N,3,H,W), "label": (N,C,H,W)}``, or dataset indices
-        of the sampler's dataset. Each step uses one shot as the query and the other
-        N - 1 as the support, cycling through the shots (with one shot it is its own
-        support): the model is trained exactly for the "predict from the others" job.
-        """
+    def _adapt_inputs(self, task: str, support, steps: Optional[int], lr: Optional[float]):
+        """What :meth:`adapt` works on: the support batch on the device (from dataset indices
+        or a mapping), its size, and the step count and rate (the config's when None)."""
         steps = self.cfg.adapt_steps if steps is None else int(steps)
         lr = self.cfg.adapt_lr if lr is None else float(lr)
         if steps < 0:
@@ -244,6 +236,20 @@ class EpisodicTrainer:
         n = support["image"].shape[0]
         if n < 1:
             raise ValueError("the support set is empty")
+        return support, n, steps, lr
+
+    def adapt(self, task: str, support: Union[Mapping[str, torch.Tensor], Sequence[int]],
+              steps: Optional[int] = None, lr: Optional[float] = None) -> List[float]:
+        """Fine-tune ``model.adaptable_parameters(task)`` (the task's biases and the LoRA
+        adapters) on the N shots of ``support`` for ``steps`` AdamW steps; every other
+        parameter is left bit-identical. In place; returns the loss of each step.
+
+        ``support``: ``{"image": (N,3,H,W), "label": (N,C,H,W)}``, or dataset indices
+        of the sampler's dataset. Each step uses one shot as the query and the other
+        N - 1 as the support, cycling through the shots (with one shot it is its own
+        support): the model is trained exactly for the "predict from the others" job.
+        """
+        support, n, steps, lr = self._adapt_inputs(task, support, steps, lr)
         params = self.model.adaptable_parameters(task)
         losses: List[float] = []
         if steps == 0:

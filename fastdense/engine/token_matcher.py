@@ -350,18 +350,7 @@ class TokenMatcherTrainer(EpisodicTrainer):
         cycling. The shots are VAE-encoded once. With ``tts``, the callbacks'
         fine-tuning rounds run (they may change the model's timestep set).
         In place; returns each step's loss."""
-        steps = self.cfg.adapt_steps if steps is None else int(steps)
-        lr = self.cfg.adapt_lr if lr is None else float(lr)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        if not isinstance(support, Mapping):
-            idx = tuple(int(i) for i in support)
-            support = self.load(Episode(task, idx, idx[:1], "eval", 0))["support"]
-        else:
-            support = self._to(support)
-        n = support["image"].shape[0]
-        if n < 1:
-            raise ValueError("the support set is empty")
+        support, n, steps, lr = self._adapt_inputs(task, support, steps, lr)
         m = self.model
         m.mark_trainable("adapt", task)
         losses: List[float] = []
