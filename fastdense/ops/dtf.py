@@ -219,7 +219,9 @@ def ta_lora_dtf(
     if tasks is None:
         raise ValueError("num_tasks is required when both f and base_out are shared by the tasks (3-D)")
     if num_tasks is not None and num_tasks != tasks:
-        raise ValueError(f"num_tasks={num_tasks} but the inputs have T = {tasks} tasks")
+        source = "f" if f.dim() == 4 else "base_out"
+        raise ValueError(f"num_tasks={num_tasks} but {source} has T = {tasks} tasks (dim 0 of {source}, "
+                         f"shape {shape_str(f if source == 'f' else base_out)})")
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"num_tasks must be a positive int, got {tasks!r}")
     f4 = f if f.dim() == 4 else f.unsqueeze(0)

@@ -111,7 +111,8 @@ def q_sample_multi(
         z_t = z_t.transpose(0, 1)
     elif layout != "timestep":
         raise ValueError(f"layout must be 'timestep' or 'sample', got {layout!r}")
-    return z_t.reshape(-1, *z0.shape[1:])
+    # k·B rows spelled out: with a zero-size latent, reshape(-1, ...) cannot infer them.
+    return z_t.reshape(z_t.shape[0] * z_t.shape[1], *z0.shape[1:])
 
 
 # ----------------------------------------------------------------------------- TADFormer Dynamic Task Filter

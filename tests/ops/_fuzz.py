@@ -265,7 +265,8 @@ def break_argument(draw, kwargs: dict, arg: str) -> dict:
         dim = draw(st.integers(0, max(0, v.dim() - 1)))
         shape = list(v.shape) or [1]
         shape[dim] += 1
-        out[arg] = torch.randn(shape, dtype=v.dtype)
+        # randn has no integer kernel: draw in float and cast (timesteps)
+        out[arg] = torch.randn(shape).to(v.dtype)
     return out
 
 

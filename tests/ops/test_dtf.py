@@ -321,5 +321,9 @@ def test_bad_filter_arguments():
     with pytest.raises(ValueError, match="num_tasks is required"):
         ta_lora_dtf(d["f"][0], d["base_out"][0], d["lora_a"], d["lora_b"], SCALE, case.hw, d["phi_weight"],
                     None, d["fn_std"], None)
+    # a num_tasks that disagrees with f names f, the argument whose task axis it contradicts
+    with pytest.raises(ValueError, match=r"num_tasks=7 but f has T = \d+ tasks"):
+        ta_lora_dtf(d["f"], d["base_out"], d["lora_a"], d["lora_b"], SCALE, case.hw, d["phi_weight"],
+                    None, d["fn_std"], None, num_tasks=7)
     with pytest.raises(ValueError, match="h must have shape"):
         dynamic_task_filter(torch.randn(90, 4), case.hw, d["phi_weight"], None, d["fn_std"], None)

@@ -401,3 +401,14 @@ def test_fuzz_shapes_against_reference(backend):
         check_against_reference(backend, case)
 
     check()
+
+
+@pytest.mark.parametrize("layout", ["timestep", "sample"])
+def test_reference_takes_zero_size_latents(layout):
+    # Found by the long fuzz run: the reference's reshape(-1, ...) could not infer the k·B rows
+    # of a latent with a zero-size channel dimension, and rejected an input the op accepts.
+    z0, noise = torch.empty(2, 0, 3, 3), torch.empty(2, 0, 3, 3)
+    ts, abar = torch.tensor([0, 1]), torch.linspace(0.99, 0.1, 50)
+    want = fastdense.ops.reference.q_sample_multi(z0, noise, ts, abar, layout=layout)
+    assert want.shape == (4, 0, 3, 3)
+    assert fastdense.ops.q_sample_multi(z0, noise, ts, abar, layout=layout).shape == want.shape
