@@ -250,6 +250,22 @@ def _num_outputs(tasks: Sequence[str], dataset: Optional[str],
     return task_channels(tasks, dataset)
 
 
+#: Swin-T's shape (and stochastic depth 0.2), the backbone of the three multi-task models.
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
+
+
+def swin_model_tasks(tasks: Union[Sequence[str], str], dataset: Optional[str],
+                     num_outputs: Optional[Mapping[str, int]]) -> tuple[list, Dict[str, int]]:
+    """The constructors' task handling: ``tasks`` as a list (or "a,b") and each task's output
+    channels, from ``num_outputs`` or the data set's task table."""
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    if num_outputs is not None:
+        tasks = validate_tasks(tasks, num_outputs)
+    tasks = list(tasks)
+    return tasks, _num_outputs(tasks, dataset, num_outputs)
+
+
 @register_model(kind="multitask")
 def mtlora_swin_t(tasks: Union[Sequence[str], str] = PASCAL_TASKS, *, dataset: Optional[str] = None,
                   num_outputs: Optional[Mapping[str, int]] = None, shared_rank: int = 64,
@@ -269,15 +285,10 @@ def mtlora_swin_t(tasks: Union[Sequence[str], str] = PASCAL_TASKS, *, dataset: O
     :func:`fastdense.models.mtlora_checkpoint.load_pretrained`. Other keyword arguments
     go to :class:`MTLoRASwin` and :class:`~fastdense.models.swin.SwinTransformer`.
     """
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    if num_outputs is not None:
-        tasks = validate_tasks(tasks, num_outputs)
-    outputs = _num_outputs(list(tasks), dataset, num_outputs)
-    swin = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
-    model = MTLoRASwin(list(tasks), outputs, shared_rank=shared_rank, task_rank=task_rank,
+    tasks, outputs = swin_model_tasks(tasks, dataset, num_outputs)
+    model = MTLoRASwin(tasks, outputs, shared_rank=shared_rank, task_rank=task_rank,
                        shared_scale=shared_scale, task_scale=task_scale, dropout=dropout, shared_mode=shared_mode,
-                       img_size=img_size, train_base=train_base, **{**swin, **kwargs})
+                       img_size=img_size, train_base=train_base, **{**SWIN_T, **kwargs})
     if pretrained is not None:
         from fastdense.models.mtlora_checkpoint import load_pretrained
 

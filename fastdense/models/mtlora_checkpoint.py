@@ -28,10 +28,9 @@ import os
 import re
 from typing import Any, Mapping, Union
 
-import torch
 import torch.nn as nn
 
-from fastdense.models.swin_checkpoint import LoadReport, _unwrap
+from fastdense.models.swin_checkpoint import LoadReport, _unwrap, read_state_file
 from fastdense.models.swin_checkpoint import load_pretrained as load_swin_pretrained
 
 _BUFFERS = ("relative_position_index", "attn_mask")
@@ -98,20 +97,10 @@ def convert_mtlora_checkpoint(state_dict: Mapping[str, Any]) -> dict:
     return out
 
 
-def _read(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the released training checkpoints pickle their yacs config
-        raise ValueError(
-            f"{path}: torch.load(weights_only=True) refused the file ({type(e).__name__}). The released MTLoRA "
-            "training checkpoints also pickle their yacs config object; in an environment you trust, keep only "
-            "the weights: torch.save(torch.load(path, weights_only=False)['model'], 'mtlora_weights.pt')") from e
+# The released training checkpoints pickle their yacs config next to the weights.
+_REFUSED_HINT = ("The released MTLoRA training checkpoints also pickle their yacs config object; in an "
+                 "environment you trust, keep only the weights: "
+                 "torch.save(torch.load(path, weights_only=False)['model'], 'mtlora_weights.pt')")
 
 
 def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: str = "auto",
@@ -130,7 +119,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: 
     if source not in ("auto", "mtlora", "timm", "microsoft"):
         raise ValueError(f"source must be 'auto', 'mtlora', 'timm' or 'microsoft', got {source!r}")
     if source in ("auto", "mtlora"):
-        sd = _unwrap(_read(path))
+        sd = _unwrap(read_state_file(path, "MTLoRA", _REFUSED_HINT))
         if source == "mtlora" or (isinstance(sd, Mapping) and is_mtlora_layout(sd)):
             converted = convert_mtlora_checkpoint(sd)
             result = model.load_state_dict(converted, strict=strict)

@@ -104,9 +104,13 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_checkpoint(path: str) -> Any:
+def read_state_file(path: str, what: str = "Swin", refused_hint: str = "") -> Any:
+    """The object of a local ``.safetensors`` or torch file, read without running pickled code
+    (``weights_only=True``). A missing file raises FileNotFoundError, an unreadable one
+    ValueError naming the file as "not a <what> checkpoint" and adding ``refused_hint``
+    (how to extract the weights from a file that pickles other objects)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Swin checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -115,12 +119,13 @@ def _read_checkpoint(path: str) -> Any:
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error type for a bad header
-            raise ValueError(f"{path} is not a Swin checkpoint: not a readable safetensors file ({e})") from e
+            raise ValueError(f"{path} is not a {what} checkpoint: not a readable safetensors file ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused (non-tensor objects), not a torch file, truncated...
-        raise ValueError(f"{path} is not a Swin checkpoint: torch.load(weights_only=True) failed "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise ValueError(f"{path} is not a {what} checkpoint: torch.load(weights_only=True) failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         + (f". {refused_hint}" if refused_hint else "")) from e
 
 
 def _window_of(model: nn.Module, table_key: str) -> Optional[tuple[int, int]]:
@@ -151,7 +156,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: 
     if source not in ("auto", "timm", "microsoft"):
         raise ValueError(f"source must be 'auto', 'timm' or 'microsoft', got {source!r}")
     report = LoadReport(path=path)
-    sd = _unwrap(_read_checkpoint(path))
+    sd = _unwrap(read_state_file(path))
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
         raise ValueError(f"{path} is not a Swin checkpoint: it holds a {type(sd).__name__}, not a state dict")
     if "patch_embed.proj.weight" not in sd:

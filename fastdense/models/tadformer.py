@@ -86,9 +86,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from fastdense.models._tadformer_blocks import GATE_SKIPS, TAModule, ta_block, ts_block
-from fastdense.models._tasks import validate_tasks
 from fastdense.models.heads import DECODER_CHANNELS, TaskDecoder
-from fastdense.models.mtlora import PASCAL_TASKS, SharedLoRALinear, _num_outputs
+from fastdense.models.mtlora import PASCAL_TASKS, SWIN_T, SharedLoRALinear, swin_model_tasks
 from fastdense.models.peft import PEFTModel
 from fastdense.models.registry import register_model
 from fastdense.models.swin import SwinBlock, SwinTransformer
@@ -278,14 +277,9 @@ def tadformer_swin_t(tasks: Union[Sequence[str], str] = PASCAL_TASKS, *, rank: i
     Other keyword arguments go to :class:`TADFormerSwin` and
     :class:`~fastdense.models.swin.SwinTransformer`.
     """
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    if num_outputs is not None:
-        tasks = validate_tasks(tasks, num_outputs)
-    outputs = _num_outputs(list(tasks), dataset, num_outputs)
-    swin = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
-    model = TADFormerSwin(list(tasks), outputs, rank=rank, filter=filter, prompt_len=prompt_len, scale=scale,
-                          dropout=dropout, img_size=img_size, train_base=train_base, **{**swin, **kwargs})
+    tasks, outputs = swin_model_tasks(tasks, dataset, num_outputs)
+    model = TADFormerSwin(tasks, outputs, rank=rank, filter=filter, prompt_len=prompt_len, scale=scale,
+                          dropout=dropout, img_size=img_size, train_base=train_base, **{**SWIN_T, **kwargs})
     if pretrained is not None:
         from fastdense.models.tadformer_checkpoint import load_pretrained
 

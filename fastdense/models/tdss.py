@@ -57,8 +57,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Uni
 import torch
 import torch.nn as nn
 
-from fastdense.models._tasks import validate_tasks
-from fastdense.models.mtlora import PASCAL_TASKS, _num_outputs
+from fastdense.models.mtlora import PASCAL_TASKS, SWIN_T, swin_model_tasks
 from fastdense.models.peft import PEFTModel
 from fastdense.models.registry import register_model
 from fastdense.models.swin import SwinTransformer
@@ -246,14 +245,9 @@ def tdss_swin_t(tasks: Union[Sequence[str], str] = PASCAL_TASKS, *, dataset: Opt
     checkpoint for the backbone (:func:`load_pretrained`). Other keyword arguments go to
     :class:`TDSSSwin` (TSAI's ``tsai_*``) and :class:`~fastdense.models.swin.SwinTransformer`.
     """
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    if num_outputs is not None:
-        tasks = validate_tasks(tasks, num_outputs)
-    outputs = _num_outputs(list(tasks), dataset, num_outputs)
-    swin = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
-    model = TDSSSwin(list(tasks), outputs, num_skills=num_skills, rank_ratio=rank_ratio,
-                     synergy_layers=synergy_layers, img_size=img_size, train_base=train_base, **{**swin, **kwargs})
+    tasks, outputs = swin_model_tasks(tasks, dataset, num_outputs)
+    model = TDSSSwin(tasks, outputs, num_skills=num_skills, rank_ratio=rank_ratio,
+                     synergy_layers=synergy_layers, img_size=img_size, train_base=train_base, **{**SWIN_T, **kwargs})
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
