@@ -33,11 +33,26 @@ import torch.nn as nn
 from fastdense.models.swin_checkpoint import LoadReport, _unwrap, read_state_file
 from fastdense.models.swin_checkpoint import load_pretrained as load_swin_pretrained
 
-_BUFFERS = ("relative_position_index", "attn_mask")
+# Buffers the released models save and fastdense recomputes (also read by tadformer_checkpoint).
+BUFFERS = ("relative_position_index", "attn_mask")
 _LINEAR_BASE = re.compile(r"(.*\.(?:qkv|proj|fc1|fc2))\.linear\.(weight|bias)")
 _MERGING = re.compile(r"layers\.(\d+)\.downsample\.(.*)")
 _DOWNSAMPLER = re.compile(r"downsampler\.([^.]+)\.downsample_(\d+)\.(weight|bias)")
 _HEAD = re.compile(r"decoders\.decoders\.([^.]+)\.(last_layer\..*)")
+
+
+def decoder_key(key: str) -> str | None:
+    """fastdense's name of a decoder key of the released MTLoRA layout (which TADFormer's code
+    keeps), or None for any other key."""
+    m = _DOWNSAMPLER.fullmatch(key)
+    if m:
+        task, stage, kind = m.groups()
+        return f"decoders.{task}.downsampler.proj.{stage}.{kind}"
+    m = _HEAD.fullmatch(key)
+    if m:
+        task, rest = m.groups()
+        return f"decoders.{task}.head.{rest}"
+    return None
 
 
 def is_mtlora_layout(state_dict: Mapping[str, Any]) -> bool:
@@ -79,18 +94,14 @@ def convert_mtlora_checkpoint(state_dict: Mapping[str, Any]) -> dict:
     out: dict = {}
     for key, value in sd.items():
         k = key[len("module."):] if key.startswith("module.") else key
-        if k.endswith(_BUFFERS):
+        if k.endswith(BUFFERS):
             continue
         if k.startswith("backbone."):
             new = "backbone." + _convert_backbone_key(k[len("backbone."):])
-        elif _DOWNSAMPLER.fullmatch(k):
-            task, stage, kind = _DOWNSAMPLER.fullmatch(k).groups()
-            new = f"decoders.{task}.downsampler.proj.{stage}.{kind}"
-        elif _HEAD.fullmatch(k):
-            task, rest = _HEAD.fullmatch(k).groups()
-            new = f"decoders.{task}.head.{rest}"
         else:
-            raise ValueError(f"{key!r} is not a key of the released MTLoRA model")
+            new = decoder_key(k)
+            if new is None:
+                raise ValueError(f"{key!r} is not a key of the released MTLoRA model")
         if new in out:
             raise ValueError(f"two checkpoint keys map to {new!r}")
         out[new] = value
@@ -125,7 +136,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: 
             result = model.load_state_dict(converted, strict=strict)
             report = LoadReport(path=path, missing=list(result.missing_keys),
                                 unexpected=list(result.unexpected_keys), converted_from=["mtlora"])
-            report.dropped = [k for k in sd if k.endswith(_BUFFERS)]
+            report.dropped = [k for k in sd if k.endswith(BUFFERS)]
             return report
     report = load_swin_pretrained(model.backbone, path, source="auto" if source == "auto" else source)
     adapters = [k for k in report.missing if ".lora_" in f".{k}"]

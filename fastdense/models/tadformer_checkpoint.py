@@ -39,10 +39,10 @@ from typing import Any, Mapping, Union
 import torch
 import torch.nn as nn
 
+from fastdense.models.mtlora_checkpoint import BUFFERS, decoder_key
 from fastdense.models.swin_checkpoint import LoadReport, _unwrap, read_state_file
 from fastdense.models.swin_checkpoint import load_pretrained as load_swin_pretrained
 
-_BUFFERS = ("relative_position_index", "attn_mask")
 _RENAMES = ((re.compile(r"(.*\.(?:qkv|proj|fc1|fc2))\.linear\.(weight|bias)"), r"\1.\2"),
             (re.compile(r"(.*)\.lora_filter\.conv\.(weight|bias)"), r"\1.lora_filter.phi.\2"),
             (re.compile(r"(.*)\.lora_filter\.chan_FilterNorm\.(std|mean)"), r"\1.lora_filter.filter_norm.\2"),
@@ -50,8 +50,6 @@ _RENAMES = ((re.compile(r"(.*\.(?:qkv|proj|fc1|fc2))\.linear\.(weight|bias)"), r
 _GATE = re.compile(r"layers\.(\d+)\.prompt_gate")
 _PROMPT_UP = re.compile(r"layers\.(\d+)\.downsample\.task_prompts_up\.weight")
 _MERGING = re.compile(r"layers\.(\d+)\.downsample\.(.*)")
-_DOWNSAMPLER = re.compile(r"downsampler\.([^.]+)\.downsample_(\d+)\.(weight|bias)")
-_HEAD = re.compile(r"decoders\.decoders\.([^.]+)\.(last_layer\..*)")
 
 
 def is_tadformer_layout(state_dict: Mapping[str, Any]) -> bool:
@@ -97,7 +95,7 @@ def convert_tadformer_checkpoint(state_dict: Mapping[str, Any]) -> dict:
     gates: dict = {}
     for key, value in sd.items():
         k = key[len("module."):] if key.startswith("module.") else key
-        if k.endswith(_BUFFERS):
+        if k.endswith(BUFFERS):
             continue
         if k.startswith("backbone."):
             rest = k[len("backbone."):]
@@ -106,14 +104,10 @@ def convert_tadformer_checkpoint(state_dict: Mapping[str, Any]) -> dict:
                 gates[int(gate.group(1))] = value
                 continue
             new = _convert_backbone_key(rest)
-        elif _DOWNSAMPLER.fullmatch(k):
-            task, stage, kind = _DOWNSAMPLER.fullmatch(k).groups()
-            new = f"decoders.{task}.downsampler.proj.{stage}.{kind}"
-        elif _HEAD.fullmatch(k):
-            task, rest = _HEAD.fullmatch(k).groups()
-            new = f"decoders.{task}.head.{rest}"
         else:
-            raise ValueError(f"{key!r} is not a key of the released TADFormer model")
+            new = decoder_key(k)
+            if new is None:
+                raise ValueError(f"{key!r} is not a key of the released TADFormer model")
         if new in out:
             raise ValueError(f"two checkpoint keys map to {new!r}")
         out[new] = value
@@ -165,7 +159,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, source: 
             result = model.load_state_dict(converted, strict=strict)
             report = LoadReport(path=path, missing=list(result.missing_keys),
                                 unexpected=list(result.unexpected_keys), converted_from=["tadformer"])
-            report.dropped = [k for k in sd if k.endswith(_BUFFERS)] + unused
+            report.dropped = [k for k in sd if k.endswith(BUFFERS)] + unused
             if unused:
                 report.notes.append(f"{len(unused)} prompt LayerNorm parameter(s) of blocks that never read them "
                                     "are dropped (prompt_norm_every_block=False)")
