@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from typing import TextIO
@@ -147,7 +146,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     from fastdense.engine import load_checkpoint
     from fastdense.engine.checkpoint import CheckpointError
     from fastdense.engine.fewshot import (SYNTHETIC_FOLDS, SYNTHETIC_TASKS, EpisodicConfig, EpisodicTrainer,
-                                          synthetic_sampler)
+                                          loss_trend, result_cells, synthetic_sampler)
     from fastdense.models import create_model
 
     spec = None
@@ -207,10 +206,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     else:
         start = time.perf_counter()
         records = trainer.fit()
-        # Episodes of different tasks have losses of different sizes, so single episodes say
-        # little; the means of the first and last tenth show the trend.
-        k = max(1, len(records) // 10)
-        head, tail = (statistics.fmean(r["loss"] for r in part) for part in (records[:k], records[-k:]))
+        k, head, tail = loss_trend(records)
         print(f"meta-trained {spec['model']} for {trainer.step} episodes in {time.perf_counter() - start:.1f} s "
               f"(mean episode loss: first {k} {head:.4f}, last {k} {tail:.4f})", file=out)
         path = trainer.save()
@@ -220,8 +216,7 @@ def run_adapt(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     print(f"fine-tuned on {args.shots} shots for {args.adapt_steps} steps; mean ± std over {args.runs} support sets "
           "(normalised label units, lower is better):", file=out)
     for task, metrics in results.items():
-        cells = "  ".join(f"{k} {r.mean:.4f} ± {r.std:.4f}" for k, r in metrics.items())
-        print(f"  {task:<20} {cells}", file=out)
+        print(f"  {task:<20} {result_cells(metrics)}", file=out)
     summary = {"fold": fold, "shots": args.shots, "runs": args.runs, "adapt_steps": args.adapt_steps,
                "meta_steps": trainer.step,
                "tasks": {t: {k: {"mean": r.mean, "std": r.std, "values": list(r.values)} for k, r in m.items()}

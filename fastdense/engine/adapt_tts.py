@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
@@ -22,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
 import torch
 
 from fastdense.data.episodes import EpisodeSampler, RepeatedResult
-from fastdense.engine.fewshot import SYNTHETIC_FOLDS, EpisodicConfig, synthetic_sampler
+from fastdense.engine.fewshot import SYNTHETIC_FOLDS, EpisodicConfig, loss_trend, result_cells, synthetic_sampler
 from fastdense.engine.token_matcher import TimestepSelectionCallback, TokenMatcherTrainer
 
 __all__ = ["TTSAdaptOptions", "run_adapt_tts", "OptionsError"]
@@ -244,8 +243,7 @@ def run_adapt_tts(options=None, out: Optional[TextIO] = None) -> Dict[str, Any]:
               file=out)
     elif o.meta_steps > 0:
         records = trainer.fit()
-        k = max(1, len(records) // 10)
-        head, tail = (statistics.fmean(r["loss"] for r in part) for part in (records[:k], records[-k:]))
+        k, head, tail = loss_trend(records)
         print(f"meta-trained {trainer.step} episodes in {time.perf_counter() - start:.1f} s (mean loss first {k} "
               f"{head:.4f}, last {k} {tail:.4f}); timesteps {model.timesteps}", file=out)
         path = trainer.save()
@@ -276,8 +274,7 @@ def run_adapt_tts(options=None, out: Optional[TextIO] = None) -> Dict[str, Any]:
     for label, res in rows:
         print(f"  {label}", file=out)
         for task, metrics in res.items():
-            cells = "  ".join(f"{k} {r.mean:.4f} ± {r.std:.4f}" for k, r in metrics.items())
-            print(f"    {task:<20} {cells}", file=out)
+            print(f"    {task:<20} {result_cells(metrics)}", file=out)
     if o.json:
         os.makedirs(os.path.dirname(os.path.abspath(o.json)), exist_ok=True)
         with open(o.json, "w") as f:

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -69,6 +70,19 @@ class EpisodicConfig:
 def _seed_of(*key) -> int:
     digest = hashlib.sha256(":".join(str(k) for k in key).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def loss_trend(records: Sequence[Mapping[str, Any]]) -> tuple[int, float, float]:
+    """(k, mean loss of the first k, of the last k records), k a tenth of them: episodes of
+    different tasks have losses of different sizes, so single episodes say little."""
+    k = max(1, len(records) // 10)
+    head, tail = (statistics.fmean(r["loss"] for r in part) for part in (records[:k], records[-k:]))
+    return k, head, tail
+
+
+def result_cells(metrics: Mapping[str, RepeatedResult]) -> str:
+    """One task's repeated-evaluation results as "metric mean ± std" cells of a report line."""
+    return "  ".join(f"{k} {r.mean:.4f} ± {r.std:.4f}" for k, r in metrics.items())
 
 
 class EpisodicTrainer:
