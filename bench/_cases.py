@@ -10,6 +10,7 @@ output gradient) modes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
@@ -51,6 +52,17 @@ class SwinLayer:
         layer = f"-{self.layer}" if self.layer else ""
         rank = f"-r{self.rank}" if self.rank else ""
         return f"s{self.stage}-{self.side}x{self.side}-C{self.channels}{layer}{rank}"
+
+
+def wall_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn`` in ms, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def impl_params(shape, baselines: Sequence[str], compiled: str | None = None, slow: bool = False) -> Iterator:

@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 
 import pytest
 import torch
+from _cases import wall_ms
 
 import fastdense.ops
 from fastdense.engine.trainer import make_optimizer
@@ -153,25 +153,17 @@ def test_bench_tts_token_matcher_tts_round(benchmark, measure, device, dtype, im
 
     step_ms, round_ms, records = [], [], []
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return 1e3 * (time.perf_counter() - t0)
-
     def tts_round():
         # A fresh selector and cache each call: every call draws the same candidates
         # and pays the U-Net passes a round pays in training.
         sel = TaskAwareTimestepSelector(k=4, initial=(1, 100, 200, 300), max_candidates=4, seed=0)
-        round_ms.append(timed(lambda: records.append(_selection_round(model, sel, TASK, support, query, None))))
+        round_ms.append(wall_ms(lambda: records.append(_selection_round(model, sel, TASK, support, query, None)),
+                                 device))
         model.set_timesteps([1, 100, 200, 300])
 
     def reset_round():
         reset()
-        step_ms.append(timed(step))   # the training step the round is compared with, just before it
+        step_ms.append(wall_ms(step, device))   # the training step the round is compared with, just before it
 
     benchmark.group = "fewshot-tts_token_matcher-tts-round"
     info = {"suite": "fewshot", "model": "tts_token_matcher", "case": "tts_token_matcher tts-round", "impl": impl,

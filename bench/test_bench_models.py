@@ -35,13 +35,11 @@ from ``SyntheticScenes`` at the case's size), same batch and size as above.
 For TDSS it also times the frozen backbone pass alone (``backbone_ms``), which
 the design makes independent of T.
 
-Memory: on CUDA ``measure_call`` records ``max_memory_allocated_mb`` (weights,
-gradients, optimiser state and activations of one step). On CPU there is no
-allocator statistic, so one extra, untimed call runs under ``torch.profiler``
-with ``profile_memory=True`` and ``cpu_peak_mb`` is the highest running sum of
-its allocations and frees: the peak *above* what was allocated when the call
-started (weights and optimiser state are not in it; activations, gradients and
-temporaries are).
+Memory: ``measure_call`` (bench/conftest.py) records ``memory_over_inputs_mb``,
+the peak *above* what was allocated when the step started (weights and
+optimiser state are not in it; activations, gradients and temporaries are):
+from the allocator on CUDA, which also gives ``max_memory_allocated_mb``
+(everything of one step), from torch's profiler on CPU.
 
 Guard: before timing, each implementation's eval-mode outputs are compared
 with the reference path's. TADFormer's cases skip, with the reason, while
@@ -154,24 +152,6 @@ def synthetic_batch():
 
 
 # ----------------------------------------------------------------------------- measuring helpers
-def cpu_peak_mb(fn) -> float:
-    """Peak of the CPU allocations of one call of ``fn`` above the start, in MiB, from the
-    profiler's allocation and free events (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # The raw (kineto) events hold every allocation and free; the FunctionEvent view folds those
-    # made inside an operator into the operator.
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    level = peak = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return peak / 2**20
-
-
 def time_ms(fn, device, reps: int = 5) -> float:
     """Median time of ``fn`` in ms over ``reps`` calls after one warm-up (CUDA events on CUDA)."""
     fn()
@@ -206,13 +186,6 @@ def train_step(model, net, image, targets, device, dataset=None, weights=None):
         optimizer.step()
 
     return reset, step
-
-
-def record_cpu_memory(benchmark, reset, fn, device) -> None:
-    if device.type == "cpu":
-        if reset is not None:
-            reset()
-        benchmark.extra_info["cpu_peak_mb"] = cpu_peak_mb(fn)
 
 
 # ----------------------------------------------------------------------------- the papers' setting
@@ -256,7 +229,6 @@ def test_model(benchmark, measure, pascal_batch, name, impl, mode):
         benchmark.group = f"{SUITE} {mode} {name}-b{BATCH}-{SIZE}"
         median_ms = measure(benchmark, fn, device=device, dtype=dtype, reset=reset, info=info,
                             first_call=impl.endswith("-compiled"))
-        record_cpu_memory(benchmark, reset, fn, device)
     if median_ms is not None:
         benchmark.extra_info["images_per_s"] = BATCH / (median_ms / 1e3)
     if impl.endswith("-compiled"):
@@ -283,7 +255,6 @@ def test_task_scaling(benchmark, measure, synthetic_batch, name, num_tasks):
     reset, fn = train_step(model, model, image, targets, device)
     benchmark.group = f"{SUITE} tasks {name}-b{BATCH}-{SIZE}"
     median_ms = measure(benchmark, fn, device=device, dtype=dtype, reset=reset, info=info)
-    record_cpu_memory(benchmark, reset, fn, device)
     if median_ms is not None:
         benchmark.extra_info["images_per_s"] = BATCH / (median_ms / 1e3)
         if hasattr(model, "backbone_pass"):

@@ -45,6 +45,7 @@ import time
 
 import pytest
 import torch
+from _cases import wall_ms
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -159,16 +160,6 @@ def _keep_only_initial(cache) -> None:
     cache(list(INITIAL))
 
 
-def _time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1e3 * (time.perf_counter() - t0)
-
-
 def _case(device):
     if device.type == "cuda":
         return GPU_CONFIG, torch.bfloat16
@@ -232,7 +223,7 @@ def test_bench_tts_round(benchmark, measure, device, target, case):
         # shared machine whose load drifts, paired step/round times give a steadier ratio.
         if case.startswith("uncached"):
             _keep_only_initial(cache)
-        step_ms.append(_time_ms(train_step, device))
+        step_ms.append(wall_ms(train_step, device))
 
     benchmark.group = "tts"
     median_ms = measure(benchmark, tts_round, device=device, dtype=dtype, reset=reset,
